@@ -1,0 +1,130 @@
+r"""Sequence-parallel attention: every rank holds a slice of the sequence of q, k and v.
+
+Which tokens each rank holds is the ``layout`` (:mod:`seqpar.layout`). Causal blocks with W = 2,
+S split into pieces ``P0..P3`` (zigzag: rank 0 holds P0, P3; rank 1 holds P1, P2)::
+
+              keys ->      contiguous                zigzag
+                           r0    r1                  P0 P1 P2 P3
+    queries   r0  [P0 P1]  \#    .        r0  P0     \  .  .  .
+              r1  [P2 P3]  ##    \#           P3     #  #  #  \
+                                          r1  P1     #  \  .  .
+                                              P2     #  #  \  .
+
+    ``#`` full block, ``\`` diagonal (causal kernel), ``.`` empty: skipped, never computed.
+    Contiguous: rank 1 does 3 blocks' work, rank 0 one; zigzag: both do the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from seqpar import checks
+from seqpar.comm import get_communicator
+from seqpar.layout import LAYOUTS, positions, shard_sizes
+from seqpar.ops.masks import MaskSpec, Tokens
+from seqpar.plan import STRATEGIES, plan
+from seqpar.strategies.allgather import AllGatherAttention
+from seqpar.strategies.allreduce import AllReduceAttention
+from seqpar.strategies.ring import RingAttention
+from seqpar.strategies.setup import Setup
+
+_FUNCTIONS = {"allreduce": AllReduceAttention, "ring": RingAttention, "allgather": AllGatherAttention}
+
+
+def attention(
+    q_local: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    *,
+    group: Any = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    layout: str = "contiguous",
+    strategy: str = "auto",
+    key_padding_mask: torch.Tensor | None = None,
+    window_size: int | None = None,
+    document_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention over a sequence split across the ranks of ``group``; differentiable.
+
+    Args:
+        q_local: ``(B, H, S_r, D)``: this rank's queries (``S_r`` as the layout gives it).
+        k_local, v_local: ``(B, H_kv, S_r, D)``: this rank's keys and values; ``H % H_kv == 0``
+            (GQA/MQA; query head h uses kv head ``h // (H / H_kv)``; never repeated on the wire).
+        group: None (default torch.distributed group) or a ``ProcessGroup``.
+        is_causal: key j is visible to query i when ``j <= i`` (global positions).
+        scale: score scale, default ``D ** -0.5``.
+        layout: ``"contiguous"`` or ``"zigzag"`` -- which global positions this rank holds.
+        strategy: ``"auto"`` (see :func:`seqpar.plan`), ``"allreduce"``, ``"ring"``, ``"allgather"``.
+        key_padding_mask: ``(B, S_r)`` bool, True = attend to this key.
+        window_size: int w; with causal key j is visible when ``0 <= i - j <= w``, else ``|i - j| <= w``.
+        document_ids: ``(B, S_r)`` int: packed sequences; a query sees only keys of its document.
+
+    Returns:
+        ``(B, H, S_r, D)``: this rank's slice of the output, in q's dtype; rows that see no key are 0.
+
+    Every rank must pass the same shapes (except ``S_r``), dtype, scale and options; otherwise every
+    rank raises ``ValueError`` naming the argument and the ranks' values.
+    """
+    comm = get_communicator(group)
+    rank = comm.rank
+    checks.check_qkv(q_local, k_local, v_local, rank)
+    b, h, s_r, d = q_local.shape
+    if k_local.shape[2] != s_r:
+        raise ValueError(f"rank {rank}: q_local holds {s_r} tokens but k_local holds {k_local.shape[2]}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}; allowed: 'auto', {', '.join(map(repr, STRATEGIES))}")
+    if window_size is not None and (not isinstance(window_size, int) or window_size < 0):
+        raise ValueError(f"rank {rank}: window_size={window_size!r}; allowed: None or an int >= 0")
+    for name, t, want in (("key_padding_mask", key_padding_mask, "bool"), ("document_ids", document_ids, "int")):
+        if t is None:
+            continue
+        if tuple(t.shape) != (b, s_r):
+            raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}; expected (B, S_local) = {(b, s_r)}")
+        if (want == "bool") != (t.dtype == torch.bool) or (want == "int" and t.is_floating_point()):
+            raise ValueError(f"rank {rank}: {name}.dtype={t.dtype}; expected {want}")
+    scale = d**-0.5 if scale is None else float(scale)
+    table = checks.exchange(
+        comm,
+        {
+            "q_local.shape (B, H, D)": (b, h, d),
+            "k_local.shape (B, H_kv, D)": (k_local.shape[0], k_local.shape[1], k_local.shape[3]),
+            "v_local.shape (B, H_kv, D)": (v_local.shape[0], v_local.shape[1], v_local.shape[3]),
+            "dtype": checks.dtype_code(q_local.dtype),
+            "scale": checks.float_code(scale),
+            "is_causal": int(is_causal),
+            "window_size": -1 if window_size is None else window_size,
+            "layout": LAYOUTS.index(layout),
+            "strategy": -1 if strategy == "auto" else STRATEGIES.index(strategy),
+            "key_padding_mask given": int(key_padding_mask is not None),
+            "document_ids given": int(document_ids is not None),
+        },
+        info={"S_local": s_r},
+    )
+    sizes = [v[0] for v in table["S_local"]]
+    seq_len, w = sum(sizes), comm.world_size
+    expected = shard_sizes(seq_len, w, layout)
+    if sizes != expected:
+        raise ValueError(
+            f"rank {rank}: shard lengths per rank {sizes} do not match layout {layout!r} for "
+            f"S={seq_len} over {w} ranks: expected {expected} (use seqpar.shard to split)"
+        )
+    docs = keeps = [None] * w
+    if document_ids is not None:
+        docs = comm.all_gather_v(document_ids.to(torch.int64), sizes, dim=1)
+    if key_padding_mask is not None:
+        keeps = comm.all_gather_v(key_padding_mask.to(torch.uint8), sizes, dim=1)
+        keeps = [t.bool() for t in keeps]
+    dev = q_local.device
+    tokens = [Tokens(positions(seq_len, w, r, layout).to(dev), docs[r], keeps[r]) for r in range(w)]
+    setup = Setup(comm, scale, MaskSpec(is_causal, window_size), sizes, tokens)
+    if strategy == "auto":
+        strategy = plan(
+            batch=b, heads=h, kv_heads=k_local.shape[1], seq_len=seq_len, head_dim=d, world_size=w,
+            dtype=q_local.dtype,
+        ).strategy
+    return _FUNCTIONS[strategy].apply(q_local, k_local, v_local, setup)

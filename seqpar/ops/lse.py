@@ -1,0 +1,62 @@
+"""Log-sum-exp (LSE) statistics: how partial softmax results merge exactly.
+
+A partial attention result over a subset of keys is ``(out, lse)`` with
+
+    lse_i = log sum_j exp(s_ij),      out_i = sum_j exp(s_ij - lse_i) v_j
+
+Two partials over disjoint key sets merge exactly (flash-decoding, Tree Attention):
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b
+
+Rows that see no key at all carry ``lse = -inf`` and ``out = 0``; every function here keeps them at
+exactly that (no NaN), so a rank or block whose keys are all masked never poisons the result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """``m`` with -inf (rows that see nothing) replaced by 0, so ``x - m`` stays -inf, never NaN."""
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial results over disjoint key sets.
+
+    out_* ``(..., S, D)``, lse_* ``(..., S)``. Returns ``(out, lse)`` with out in the dtype of
+    ``out_a`` (pass float32 accumulators to keep the merge exact to float32).
+    """
+    lse = torch.logaddexp(lse_a, lse_b)  # (-inf, -inf) -> -inf
+    safe = finite_or_zero(lse)
+    wa = torch.exp(lse_a - safe).unsqueeze(-1)  # 0 where lse_a = -inf
+    wb = torch.exp(lse_b - safe).unsqueeze(-1)
+    out = out_a * wa.to(out_a.dtype) + out_b.to(out_a.dtype) * wb.to(out_a.dtype)
+    return out, lse
+
+
+def merge_many(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge any number of partials (stacked in a fixed order) in the statistics dtype."""
+    lse_stack = torch.stack([x.to(stat_dtype(x.dtype)) for x in lses])  # (P, ..., S)
+    lse = torch.logsumexp(lse_stack, dim=0)  # -inf when every partial is -inf
+    w = torch.exp(lse_stack - finite_or_zero(lse))  # (P, ..., S)
+    acc = torch.zeros_like(outs[0], dtype=lse.dtype)
+    for o, wi in zip(outs, w):
+        acc += o.to(lse.dtype) * wi.unsqueeze(-1)
+    return acc, lse
+
+
+def global_lse_from_max_sum(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``log(s) + m`` with (m=-inf, s=0) -> -inf: the LSE from an all-reduced max and exp-sum."""
+    return torch.where(s > 0, torch.log(s) + finite_or_zero(m), torch.full_like(s, NEG_INF))

@@ -1,0 +1,78 @@
+"""Attention of a set of query tokens over a set of key tokens, block by block, merged by LSE.
+
+This is the local computation every strategy runs: it skips the blocks the mask leaves empty,
+calls the fused kernel (:mod:`seqpar.ops.kernels`) on the rest, and merges the partials in float32.
+
+Shapes::
+
+    q       (B, H,    Sq, D)     queries, with tokens ``qt``  (len Sq)
+    k, v    (B, H_kv, Sk, D)     keys/values, with tokens ``kt`` (len Sk)
+    out     (B, H,    Sq, D)     float32 (float64 for float64 input); 0 where a row sees nothing
+    lse     (B, H,    Sq)        float32 (float64); -inf where a row sees nothing
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.ops.kernels import attention_backward, attention_forward
+from seqpar.ops.lse import NEG_INF, merge_partials, stat_dtype
+from seqpar.ops.masks import MaskSpec, Tokens, blocks
+
+
+def tiled_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qt: Tokens,
+    kt: Tokens,
+    spec: MaskSpec,
+    scale: float,
+    acc: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q`` over ``k, v``, merged into ``acc`` (updated in place) when given."""
+    if acc is None:
+        sd = stat_dtype(q.dtype)
+        acc = (
+            torch.zeros(*q.shape[:-1], v.shape[-1], dtype=sd, device=q.device),
+            torch.full(q.shape[:-1], NEG_INF, dtype=sd, device=q.device),
+        )
+    out, lse = acc
+    for blk in blocks(qt, kt, spec):
+        o, l = attention_forward(
+            q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale, mask=blk.mask, is_causal=blk.is_causal
+        )
+        out[:, :, blk.q], lse[:, :, blk.q] = merge_partials(out[:, :, blk.q], lse[:, :, blk.q], o, l)
+    return out, lse
+
+
+def tiled_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    qt: Tokens,
+    kt: Tokens,
+    spec: MaskSpec,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient contributions of these keys given the *global* ``out``/``lse`` of the queries.
+
+    Returns float32 (float64) accumulators ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)``.
+    ``dout`` and ``out`` are in q's dtype.
+    """
+    sd = stat_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=sd, device=q.device)
+    dk = torch.zeros(k.shape, dtype=sd, device=k.device)
+    dv = torch.zeros(v.shape, dtype=sd, device=v.device)
+    for blk in blocks(qt, kt, spec):
+        gq, gk, gv = attention_backward(
+            dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], out[:, :, blk.q], lse[:, :, blk.q],
+            scale=scale, mask=blk.mask, is_causal=blk.is_causal,
+        )
+        dq[:, :, blk.q] += gq
+        dk[:, :, blk.k] += gk
+        dv[:, :, blk.k] += gv
+    return dq, dk, dv

@@ -1,0 +1,83 @@
+"""The cost model behind ``strategy="auto"``: bytes each rank sends, and the memory it adds.
+
+Per rank, forward, with ``e`` bytes per element, ``S_r = S / W`` local tokens::
+
+    allreduce   (W-1) * B*H*Sq_r*D*e            gather the queries
+              + (W-1)/W * B*H*Sq*(D+1)*4        reduce-scatter the float32 partial outputs
+              + 2(W-1)/W * B*H*Sq*4             all-reduce the row maxima
+    allgather   (W-1) * 2*B*H_kv*Sk_r*D*e       gather K and V           memory: + 2*B*H_kv*Sk*D*e
+    ring        (W-1) * 2*B*H_kv*Sk_r*D*e       pass K and V around      memory: + 4*B*H_kv*Sk_r*D*e
+
+The rule: the fewest bytes wins (decode-shaped inputs, few queries over many keys, pick
+``allreduce``). Between the two K/V strategies, which move the same bytes, ``ring`` overlaps each
+transfer with a block's compute and holds two shards instead of the whole K/V, so it is the
+default; ``allgather`` is picked when the whole K/V fits in ``gather_budget_bytes`` and there are
+only two ranks (one transfer, nothing to overlap with beyond it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+STRATEGIES = ("allreduce", "ring", "allgather")
+
+
+@dataclass
+class Plan:
+    strategy: str
+    reason: str
+    bytes_per_rank: dict[str, int] = field(default_factory=dict)
+    extra_memory: dict[str, int] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [f"{'strategy':<10} {'bytes/rank (fwd)':>18} {'extra memory':>14}"]
+        for s in STRATEGIES:
+            mark = "  <- " + self.reason if s == self.strategy else ""
+            rows.append(f"{s:<10} {self.bytes_per_rank[s]:>18,} {self.extra_memory[s]:>14,}{mark}")
+        return "\n".join(rows)
+
+
+def plan(
+    *,
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    seq_len: int,
+    head_dim: int,
+    world_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    q_len: int | None = None,
+    gather_budget_bytes: int = 1 << 30,
+) -> Plan:
+    """Which strategy ``auto`` picks for these shapes, and why.
+
+    ``seq_len`` is the global key length; ``q_len`` the global query length (default: the same, as
+    in training; pass e.g. 1 for decode).
+    """
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+    w, e = world_size, torch.empty((), dtype=dtype).element_size()
+    sq = seq_len if q_len is None else q_len
+    sq_r, sk_r = -(-sq // w), -(-seq_len // w)
+    q_bytes = batch * heads * sq_r * head_dim * e
+    kv_local = 2 * batch * kv_heads * sk_r * head_dim * e
+    cost = {
+        "allreduce": int((w - 1) * q_bytes + (w - 1) / w * batch * heads * sq * (head_dim + 1) * 4
+                         + 2 * (w - 1) / w * batch * heads * sq * 4),
+        "allgather": (w - 1) * kv_local,
+        "ring": (w - 1) * kv_local,
+    }
+    memory = {
+        "allreduce": w * batch * heads * sq_r * (head_dim * e + (head_dim + 2) * 4),
+        "allgather": w * kv_local,
+        "ring": 2 * kv_local,
+    }
+    if w == 1:
+        return Plan("allgather", "one rank: nothing to communicate", cost, memory)
+    if cost["allreduce"] < cost["ring"]:
+        return Plan("allreduce", "fewest bytes: queries are smaller than K/V", cost, memory)
+    if w == 2 and memory["allgather"] <= gather_budget_bytes:
+        return Plan("allgather", "two ranks and K/V fit the gather budget", cost, memory)
+    return Plan("ring", "fewest bytes, transfers overlap compute, two K/V shards in memory", cost, memory)

@@ -1,0 +1,80 @@
+"""Distributed softmax: each rank holds a slice of every row's scores, gets its slice of weights.
+
+::
+
+    m_local = max_j beta_ij (this rank)    -> all-reduce MAX -> m
+    z_local = sum_j exp(beta_ij - m)       -> all-reduce SUM -> z
+    alpha_ij = exp(beta_ij - m) / z        (0 for rows whose scores are all -inf)
+
+Statistics are float32 (float64 for float64 input); the result has the input dtype.
+Differentiable: the backward all-reduces ``sum_j alpha_ij g_ij`` once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from seqpar import checks
+from seqpar.comm import Communicator, get_communicator
+from seqpar.interop import back, to_torch
+from seqpar.ops.lse import finite_or_zero, stat_dtype
+
+
+class _DistSoftmax(torch.autograd.Function):
+    """
+    ===========  =========================  =====================================
+    scores       (..., N_local, ...)        this rank's slice of each row (``dim``)
+    weights      (..., N_local, ...)        this rank's slice of the global softmax
+    ===========  =========================  =====================================
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, comm: Communicator, dim: int) -> torch.Tensor:
+        x = scores.to(stat_dtype(scores.dtype))
+        if x.shape[dim] == 0:
+            m = torch.full_like(x.sum(dim, keepdim=True), float("-inf"))
+        else:
+            m = x.amax(dim, keepdim=True).contiguous()
+        comm.all_reduce(m, "max")
+        e = torch.exp(x - finite_or_zero(m))
+        z = e.sum(dim, keepdim=True).contiguous()
+        comm.all_reduce(z, "sum")
+        w = torch.where(z > 0, e / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(e))
+        ctx.save_for_backward(w)
+        ctx.comm, ctx.dim = comm, dim
+        return w.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (w,) = ctx.saved_tensors
+        dot = (w * g.to(w.dtype)).sum(ctx.dim, keepdim=True).contiguous()
+        ctx.comm.all_reduce(dot, "sum")
+        return (w * (g.to(w.dtype) - dot)).to(g.dtype), None, None
+
+
+def softmax(scores_local: Any, *, group: Any = None, dim: int = -1) -> Any:
+    """Softmax over ``dim`` of a row split across the ranks of ``group``.
+
+    Args:
+        scores_local: this rank's slice of the scores (torch tensor; numpy with an mpi4py group).
+            Every rank's tensor has the same shape except along ``dim``, where lengths may differ.
+        group: None (default torch.distributed group), a ``ProcessGroup``, or an ``mpi4py`` ``Comm``.
+        dim: the dimension the rows are split along.
+
+    Returns:
+        This rank's slice of the weights, same shape and dtype (numpy in, numpy out).
+    """
+    x, was_np = to_torch(scores_local)
+    comm = get_communicator(group)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"rank {comm.rank}: scores_local must be a floating tensor or array, got {type(x)}")
+    d = dim % x.dim() if x.dim() else 0
+    other = [s for i, s in enumerate(x.shape) if i != d]
+    checks.exchange(
+        comm,
+        {"scores_local.shape (without dim)": [x.dim(), *other][:6], "scores_local.dtype": checks.dtype_code(x.dtype),
+         "dim": d},
+    )
+    return back(_DistSoftmax.apply(x, comm, d), was_np)
