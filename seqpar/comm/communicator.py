@@ -248,6 +248,15 @@ class RingComm:
         self._sends, self._recvs = [], []
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for spawning local gloo ranks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 _CACHE: dict[int, tuple[Any, Communicator]] = {}
 
 

@@ -8,7 +8,8 @@ Backends, picked per call by :func:`kernel_name`:
 
 ``cpu_flash``  ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward): fused, O(S·D)
                memory, native GQA (query head h uses kv head h // (H/H_kv)), float masks.
-``blockwise``  a pure-torch loop over query blocks (any device, any dtype): memory O(block·Sk).
+``blockwise``  flash-attention's tiled loop in plain torch (any device, any dtype): memory O(tile + S·D).
+               Used on CUDA for now: wiring SDPA's fused CUDA ops (cuDNN/flash with LSE) is still to do.
 
 Shapes::
 
@@ -33,7 +34,6 @@ from seqpar.ops.lse import NEG_INF, finite_or_zero, stat_dtype
 _CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
-BLOCK_Q = 1024  # query rows per step of the blockwise kernel
 
 
 def kernel_name(q: torch.Tensor) -> str:
@@ -49,6 +49,9 @@ def kernel_name(q: torch.Tensor) -> str:
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask (the CPU op accepts only 2-D or 4-D masks; 1-D/3-D ones broadcast too)."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, NEG_INF)
     return mask.to(dtype)
@@ -76,7 +79,7 @@ def attention_forward(
     """Attention of ``q`` over ``k, v`` returning ``(out, lse)``; see the module docstring."""
     valid = _row_valid(mask, q.shape)
     if kernel_name(q) == "cpu_flash":
-        fmask = None if mask is None else _float_mask(mask, q.dtype)
+        fmask = None if mask is None else _float_mask(mask, stat_dtype(q.dtype))  # never rounded to bf16
         out, lse = _CPU_FWD(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
         lse = lse.to(stat_dtype(q.dtype))
     else:
@@ -107,7 +110,7 @@ def attention_backward(
     # we use, so use 0 to keep exp(S - lse) free of NaN.
     lse = finite_or_zero(lse)
     if kernel_name(q) == "cpu_flash":
-        fmask = None if mask is None else _float_mask(mask, q.dtype)
+        fmask = None if mask is None else _float_mask(mask, stat_dtype(q.dtype))  # never rounded to bf16
         return _CPU_BWD(
             dout.contiguous(), q, k, v, out.contiguous(), lse.float() if q.dtype != torch.float64 else lse,
             0.0, is_causal, attn_mask=fmask, scale=scale,
@@ -116,21 +119,28 @@ def attention_backward(
 
 
 # --- the blockwise fallback -------------------------------------------------------------------
+# Flash-attention's loop in plain torch: query tiles x key tiles, online softmax in the statistics
+# dtype. A tile holds at most TILE_ELEMENTS scores, so memory stays O(tile + S * D).
+
+TILE_ELEMENTS = 1 << 24
 
 
-def _scores(qb, k, scale, mask, is_causal, q0):
-    """Scores of a query block (B, Hkv, G, bq, Sk) in the statistics dtype, masked with -inf."""
+def _tiles(b: int, h: int, sq: int, sk: int) -> tuple[int, int]:
+    bk = min(sk, 4096)
+    bq = max(1, min(sq, TILE_ELEMENTS // max(1, b * h * bk)))
+    return bq, bk
+
+
+def _scores(qb, kb, scale, mask, is_causal, q0, k0):
+    """Scores of a tile (B, Hkv, G, bq, bk) in the statistics dtype, masked with -inf."""
     sd = stat_dtype(qb.dtype)
-    s = torch.einsum("bhgqd,bhkd->bhgqk", qb.to(sd), k.to(sd)) * scale
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qb.to(sd), kb.to(sd)) * scale
     if mask is not None:
-        mb = mask[..., q0 : q0 + qb.shape[-2], :]
-        if mb.dtype == torch.bool:
-            s = s.masked_fill(~mb, NEG_INF)
-        else:
-            s = s + mb.to(sd)
+        mb = mask[..., q0 : q0 + qb.shape[-2], k0 : k0 + kb.shape[-2]]
+        s = s.masked_fill(~mb, NEG_INF) if mb.dtype == torch.bool else s + mb.to(sd)
     if is_causal:
         qi = torch.arange(q0, q0 + qb.shape[-2], device=s.device).unsqueeze(-1)
-        kj = torch.arange(s.shape[-1], device=s.device)
+        kj = torch.arange(k0, k0 + kb.shape[-2], device=s.device)
         s = s.masked_fill(kj > qi, NEG_INF)
     return s
 
@@ -147,46 +157,59 @@ def _mask5(mask: torch.Tensor | None, hkv: int, g: int) -> torch.Tensor | None:
 
 
 def _blockwise_forward(q, k, v, scale, mask, is_causal):
-    b, h, sq, d = q.shape
-    hkv = k.shape[1]
+    b, h, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
     g = h // hkv
+    bq, bk = _tiles(b, h, sq, sk)
     qg = q.unflatten(1, (hkv, g))  # (B, Hkv, G, Sq, D)
     m5 = _mask5(mask, hkv, g)
     sd = stat_dtype(q.dtype)
     out = torch.empty(b, hkv, g, sq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hkv, g, sq, dtype=sd, device=q.device)
-    for q0 in range(0, sq, BLOCK_Q):
-        s = _scores(qg[..., q0 : q0 + BLOCK_Q, :], k, scale, m5, is_causal, q0)
-        m = finite_or_zero(s.amax(-1, keepdim=True))
-        p = torch.exp(s - m)
-        l = p.sum(-1, keepdim=True)
-        o = torch.einsum("bhgqk,bhkd->bhgqd", p, v.to(sd)) / l.clamp_min(torch.finfo(sd).tiny)
-        out[..., q0 : q0 + BLOCK_Q, :] = o.to(q.dtype)
-        lse[..., q0 : q0 + BLOCK_Q] = (torch.log(l) + m).squeeze(-1)
+    for q0 in range(0, sq, bq):
+        qb = qg[..., q0 : q0 + bq, :]
+        m = torch.full((*qb.shape[:-1], 1), NEG_INF, dtype=sd, device=q.device)  # running max
+        l = torch.zeros_like(m)  # running sum of exp(s - m)
+        acc = torch.zeros(*qb.shape[:-1], v.shape[-1], dtype=sd, device=q.device)
+        for k0 in range(0, sk, bk):
+            s = _scores(qb, k[:, :, k0 : k0 + bk], scale, m5, is_causal, q0, k0)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            safe = finite_or_zero(m_new)
+            p = torch.exp(s - safe)
+            corr = torch.exp(m - safe)  # 0 while m = -inf
+            l = l * corr + p.sum(-1, keepdim=True)
+            acc = acc * corr + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, k0 : k0 + bk].to(sd))
+            m = m_new
+        out[..., q0 : q0 + bq, :] = (acc / l.clamp_min(torch.finfo(sd).tiny)).to(q.dtype)
+        lse[..., q0 : q0 + bq] = torch.where(l > 0, torch.log(l) + finite_or_zero(m), m).squeeze(-1)
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
 def _blockwise_backward(dout, q, k, v, out, lse, scale, mask, is_causal):
-    b, h, sq, d = q.shape
-    hkv = k.shape[1]
+    b, h, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
     g = h // hkv
+    bq, bk = _tiles(b, h, sq, sk)
     sd = stat_dtype(q.dtype)
     qg, dog, og = (t.unflatten(1, (hkv, g)) for t in (q, dout, out))
     lg = lse.unflatten(1, (hkv, g))
     m5 = _mask5(mask, hkv, g)
-    kf, vf = k.to(sd), v.to(sd)
-    dq = torch.empty_like(qg)
+    dq = torch.empty(qg.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=sd, device=k.device)
     dv = torch.zeros(v.shape, dtype=sd, device=v.device)
-    for q0 in range(0, sq, BLOCK_Q):
-        sl = slice(q0, q0 + BLOCK_Q)
-        qb, dob, ob = qg[..., sl, :], dog[..., sl, :].to(sd), og[..., sl, :].to(sd)
-        s = _scores(qb, k, scale, m5, is_causal, q0)
-        p = torch.exp(s - lg[..., sl].to(sd).unsqueeze(-1))  # (B, Hkv, G, bq, Sk)
-        dv += torch.einsum("bhgqk,bhgqd->bhkd", p, dob)
-        dp = torch.einsum("bhgqd,bhkd->bhgqk", dob, vf)
-        delta = (dob * ob).sum(-1, keepdim=True)
-        ds = p * (dp - delta) * scale
-        dq[..., sl, :] = torch.einsum("bhgqk,bhkd->bhgqd", ds, kf).to(q.dtype)
-        dk += torch.einsum("bhgqk,bhgqd->bhkd", ds, qb.to(sd))
+    for q0 in range(0, sq, bq):
+        sl = slice(q0, q0 + bq)
+        qb, dob = qg[..., sl, :], dog[..., sl, :].to(sd)
+        delta = (dob * og[..., sl, :].to(sd)).sum(-1, keepdim=True)  # (B, Hkv, G, bq, 1)
+        dqb = torch.zeros(qb.shape, dtype=sd, device=q.device)
+        for k0 in range(0, sk, bk):
+            ks = slice(k0, k0 + bk)
+            kb, vb = k[:, :, ks].to(sd), v[:, :, ks].to(sd)
+            s = _scores(qb, kb, scale, m5, is_causal, q0, k0)
+            p = torch.exp(s - lg[..., sl].to(sd).unsqueeze(-1))  # (B, Hkv, G, bq, bk)
+            dv[:, :, ks] += torch.einsum("bhgqk,bhgqd->bhkd", p, dob)
+            ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", dob, vb) - delta) * scale
+            dqb += torch.einsum("bhgqk,bhkd->bhgqd", ds, kb)
+            dk[:, :, ks] += torch.einsum("bhgqk,bhgqd->bhkd", ds, qb.to(sd))
+        dq[..., sl, :] = dqb.to(q.dtype)
     return dq.flatten(1, 2), dk.to(k.dtype), dv.to(v.dtype)
