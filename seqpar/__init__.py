@@ -1,10 +1,11 @@
 """seqpar: exact sequence-parallel attention for PyTorch and MPI."""
 
 from seqpar.attention import attention
+from seqpar.distributed import init_distributed
 from seqpar.kv_sharded import kv_sharded_attention
 from seqpar.layout import shard, unshard
 from seqpar.plan import Plan, plan
 from seqpar.softmax import softmax
 
-__all__ = ["Plan", "attention", "kv_sharded_attention", "plan", "shard", "softmax", "unshard"]
+__all__ = ["Plan", "attention", "init_distributed", "kv_sharded_attention", "plan", "shard", "softmax", "unshard"]
 __version__ = "0.1.0"

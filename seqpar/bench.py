@@ -10,20 +10,18 @@ the zigzag layout (balanced work), non-causal the contiguous one. Reported per c
 median wall time of fwd and fwd+bwd (the slowest rank's time per repeat), the ratio to the baseline
 measured in the same run, bytes sent per rank against the strategy's analytic volume, and the peak
 resident memory per rank above its level before the measurement (Linux ``VmHWM``, reset between
-configurations through ``/proc/self/clear_refs``). Results go to ``<out>/bench.json``.
+configurations through ``/proc/self/clear_refs``). Results go to ``<out>/bench.json`` and ``bench.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -85,16 +83,12 @@ def _inputs(b, h, hkv, s, d, dtype, seed=0):
     return [torch.randn(b, n, s, d, generator=g).to(dtype) for n in (h, hkv, hkv)]
 
 
-def _worker(rank: int, w: int, port: int, args: argparse.Namespace, queue) -> None:
-    import torch.distributed as dist
-
+def _grid(ctx, args: argparse.Namespace) -> list[dict]:
+    """Runs on every rank (started by :func:`seqpar.distributed.spawn`); rank 0 returns the rows."""
     import seqpar
     from seqpar.comm import get_communicator
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=w,
-                            timeout=datetime.timedelta(seconds=600))
-    comm = get_communicator(None)
+    comm = get_communicator(ctx.group)
 
     def sync(t: float | None = None):
         x = torch.tensor([t or 0.0], dtype=torch.float64)
@@ -103,42 +97,32 @@ def _worker(rank: int, w: int, port: int, args: argparse.Namespace, queue) -> No
 
     dtype = getattr(torch, args.dtype)
     rows = []
-    try:
-        for s in args.seq_lens:
-            for causal in args.causal:
-                layout = "zigzag" if causal else "contiguous"
-                q, k, v = _inputs(args.batch, args.heads, args.kv_heads, s, args.head_dim, dtype)
-                ql, kl, vl = (seqpar.shard(t, layout=layout) for t in (q, k, v))
-                go = seqpar.shard(torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype),
-                                  layout=layout)
-                del q, k, v
-                runs: dict[str, Any] = {s_: (lambda s_=s_: seqpar.attention(
-                    *xs, is_causal=causal, layout=layout, strategy=s_)) for s_ in args.strategies
-                    for xs in [(ql, kl, vl)]}
-                for name in args.strategies:
-                    row = _measure(name, runs[name], (ql, kl, vl), go, causal, layout, layout_kw={"is_causal": causal,
-                                   "layout": layout, "strategy": name}, comm=comm, sync=sync, args=args, s=s)
+    for s in args.seq_lens:
+        for causal in args.causal:
+            layout = "zigzag" if causal else "contiguous"
+            q, k, v = _inputs(args.batch, args.heads, args.kv_heads, s, args.head_dim, dtype)
+            ql, kl, vl = (seqpar.shard(t, layout=layout) for t in (q, k, v))
+            go = seqpar.shard(torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype),
+                              layout=layout)
+            del q, k, v
+            for name in args.strategies:
+                kw = {"is_causal": causal, "layout": layout, "strategy": name}
+                rows.append(_measure(name, (ql, kl, vl), go, kw, comm=comm, sync=sync, args=args, s=s))
+                ctx.log(f"S={s} causal={causal} {name}: fwd {rows[-1]['fwd_s']:.3f} s, "
+                        f"fwd+bwd {rows[-1]['fwd_bwd_s']:.3f} s")
+            if args.peer:
+                row = _measure_peer(ql, kl, vl, go, causal, layout, comm, sync, args, s)
+                if row:
                     rows.append(row)
-                if args.peer:
-                    row = _measure_peer(ql, kl, vl, go, causal, layout, comm, sync, args, s)
-                    if row:
-                        rows.append(row)
-                if rank == 0 and args.progress:
-                    print(f"  done S={s} causal={causal}", flush=True)
-    except BaseException as e:  # noqa: BLE001
-        queue.put((rank, "error", f"{type(e).__name__}: {e}"))
-        raise
-    if rank == 0:
-        queue.put((rank, "ok", rows))
-    dist.destroy_process_group()
+    return rows
 
 
-def _measure(name, fwd_fn, xs, go, causal, layout, *, layout_kw, comm, sync, args, s):
+def _measure(name, xs, go, layout_kw, *, comm, sync, args, s):
     import seqpar
 
     def fwd():
         with torch.no_grad():
-            fwd_fn()
+            seqpar.attention(*xs, **layout_kw)
 
     leaves = [x.detach().requires_grad_() for x in xs]
 
@@ -159,13 +143,14 @@ def _measure(name, fwd_fn, xs, go, causal, layout, *, layout_kw, comm, sync, arg
     fb_bytes = comm.bytes_sent
     peak_all = torch.tensor([float(peak)], dtype=torch.float64)
     comm.all_reduce(peak_all, "max")
-    e = xs[0].element_size()
+    ana = analytic_bytes(name, b=args.batch, h=args.heads, hkv=args.kv_heads, s=s, d=args.head_dim,
+                         w=comm.world_size, e=xs[0].element_size())
     return {
-        "impl": f"seqpar:{name}", "strategy": name, "seq_len": s, "causal": causal, "layout": layout,
+        "impl": f"seqpar:{name}", "strategy": name, "seq_len": s, "causal": layout_kw["is_causal"],
+        "layout": layout_kw["layout"],
         "world_size": comm.world_size, "fwd_s": t_f, "fwd_bwd_s": t_fb,
         "bytes_per_rank_fwd": fwd_bytes, "bytes_per_rank_fwd_bwd": fb_bytes,
-        "analytic_bytes": analytic_bytes(name, b=args.batch, h=args.heads, hkv=args.kv_heads, s=s,
-                                         d=args.head_dim, w=comm.world_size, e=e),
+        "analytic_bytes_fwd": ana["fwd"], "analytic_bytes_fwd_bwd": ana["fwd_bwd"],
         "peak_mem_bytes": int(peak_all),
     }
 
@@ -233,26 +218,9 @@ def _baseline(args) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch.multiprocessing as mp
+    from seqpar.distributed import spawn
 
-    from seqpar.comm.communicator import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    try:
-        rank, status, payload = queue.get(timeout=args.timeout)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeError(f"bench rank {rank} failed: {payload}")
-    rows = payload
+    rows = spawn(_grid, (args,), world_size=args.world_size, threads=1, timeout_s=args.timeout)
     base = {(r["seq_len"], r["causal"]): r for r in _baseline(args)}
     for r in rows:
         b = base[(r["seq_len"], r["causal"])]
@@ -262,24 +230,9 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
                  "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                 **{k: v for k, v in vars(args).items() if k not in ("out",)}},
+                 **{k: v for k, v in vars(args).items() if k != "out"}, "out": str(args.out)},
         "rows": rows,
     }
-
-
-def format_table(rows: list[dict]) -> str:
-    head = f"{'S':>6} {'causal':>6} {'impl':<24} {'fwd s':>8} {'x':>5} {'fwd+bwd s':>9} {'x':>5} " \
-           f"{'MB sent f+b':>11} {'analytic':>9} {'peak MB':>8}"
-    lines = [head]
-    for r in sorted(rows, key=lambda r: (r["seq_len"], r["causal"], r["impl"] != "sdpa (1 process)", r["impl"])):
-        fx = f"{r['fwd_ratio']:.2f}" if "fwd_ratio" in r else "1.00"
-        fbx = f"{r['fwd_bwd_ratio']:.2f}" if "fwd_bwd_ratio" in r else "1.00"
-        sent = f"{r['bytes_per_rank_fwd_bwd'] / 1e6:.1f}" if "bytes_per_rank_fwd_bwd" in r else "-"
-        ana = f"{r['analytic_bytes']['fwd_bwd'] / 1e6:.1f}" if "analytic_bytes" in r else "-"
-        peak = f"{r['peak_mem_bytes'] / 1e6:.0f}" if "peak_mem_bytes" in r else "-"
-        lines.append(f"{r['seq_len']:>6} {str(r['causal']):>6} {r['impl']:<24} {r['fwd_s']:>8.3f} {fx:>5} "
-                     f"{r['fwd_bwd_s']:>9.3f} {fbx:>5} {sent:>11} {ana:>9} {peak:>8}")
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -300,18 +253,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.causal = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     args.kv_heads = args.kv_heads or args.heads
-    args.progress = True
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from seqpar.report import write_report
+
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result["rows"]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    rows = sorted(result["rows"], key=lambda r: (r["seq_len"], r["causal"], r["world_size"] > 1, r["impl"]))
+    paths = write_report(rows, args.out, title="seqpar bench", meta=result["meta"], stem="bench")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

@@ -71,11 +71,13 @@ class _KVSharded(torch.autograd.Function):
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         else:
             dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale=ctx.scale, mask=mask)
+            dk, dv = dk.to(k.dtype), dv.to(v.dtype)
         dq = dq.to(stat_dtype(q.dtype)).contiguous()
         ctx.comm.all_reduce(dq, "sum")  # every rank, always: keeps the ranks in lock-step
         return dq.to(q.dtype), dk, dv, None, None, None
 
 
+@torch.no_grad()  # documented as not differentiable: a graph here would miss the lse term
 def _local_weights(q, k, mask, lse, scale) -> torch.Tensor:
     """alpha = exp(s - lse_global) on this rank's columns (B, H, Sq, Sk_r); materialised on request."""
     sd = stat_dtype(q.dtype)

@@ -12,6 +12,7 @@ Differentiable: the backward all-reduces ``sum_j alpha_ij g_ij`` once.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -69,12 +70,20 @@ def softmax(scores_local: Any, *, group: Any = None, dim: int = -1) -> Any:
     x, was_np = to_torch(scores_local)
     comm = get_communicator(group)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"rank {comm.rank}: scores_local must be a floating tensor or array, got {type(x)}")
-    d = dim % x.dim() if x.dim() else 0
+        got = f"{type(x).__name__} of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"rank {comm.rank}: scores_local must be a floating tensor or array, got {got}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"rank {comm.rank}: dim={dim} is out of range for scores_local of shape {tuple(x.shape)}; "
+            f"allowed: {-x.dim()} .. {x.dim() - 1}"
+        )
+    d = dim % x.dim()
     other = [s for i, s in enumerate(x.shape) if i != d]
+    if len(other) > 4:  # the check packs at most 5 ints per field: fold the trailing sizes
+        other = [*other[:3], math.prod(other[3:])]
     checks.exchange(
         comm,
-        {"scores_local.shape (without dim)": [x.dim(), *other][:6], "scores_local.dtype": checks.dtype_code(x.dtype),
+        {"scores_local.shape (without dim)": [x.dim(), *other], "scores_local.dtype": checks.dtype_code(x.dtype),
          "dim": d},
     )
     return back(_DistSoftmax.apply(x, comm, d), was_np)

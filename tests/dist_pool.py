@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import pickle
 import sys
 import traceback
 
 import torch.multiprocessing as mp
 
+from seqpar.distributed import free_port
+
 RANK_TIMEOUT_S = float(os.environ.get("SEQPAR_TEST_TIMEOUT", "120"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, tasks, results, path):
@@ -40,7 +36,9 @@ def _worker(rank, world_size, port, tasks, results, path):
             break
         fn, args, kwargs = task
         try:
-            results.put((rank, True, fn(rank, world_size, *args, **kwargs)))
+            value = fn(rank, world_size, *args, **kwargs)
+            pickle.dumps(value)  # an unpicklable result would be lost silently in the queue's thread
+            results.put((rank, True, value))
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             results.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     dist.destroy_process_group()

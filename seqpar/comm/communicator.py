@@ -54,7 +54,7 @@ class Communicator:
         raise NotImplementedError
 
     def barrier(self) -> None:
-        self._all_reduce(torch.zeros(1), "sum")
+        raise NotImplementedError
 
     # -- the interface -----------------------------------------------------------------------
     def _count(self, nbytes: float) -> None:
@@ -142,6 +142,9 @@ class TorchCommunicator(Communicator):
     def _all_reduce(self, t, op):
         dist.all_reduce(t, op=self._OPS[op], group=self.group)
 
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
     def _all_gather(self, out, t):
         _ALL_GATHER(out, t, group=self.group)
 
@@ -183,6 +186,9 @@ class MPICommunicator(Communicator):
 
     def _all_gather(self, out, t):
         self.comm.Allgather(self._np(t), self._np(out))
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
 
     def _reduce_scatter(self, out, t):
         wide_in = t if t.dtype in (torch.float32, torch.float64) else t.float()
@@ -246,15 +252,6 @@ class RingComm:
             self._handle.wait()
         self._handle = None
         self._sends, self._recvs = [], []
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for spawning local gloo ranks)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _CACHE: dict[int, tuple[Any, Communicator]] = {}

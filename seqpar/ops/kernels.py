@@ -7,7 +7,9 @@ matching backward given the *global* ``out`` and ``lse`` -- the flash-attention 
 Backends, picked per call by :func:`kernel_name`:
 
 ``cpu_flash``  ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ its backward): fused, O(S·D)
-               memory, native GQA (query head h uses kv head h // (H/H_kv)), float masks.
+               memory, native GQA (query head h uses kv head h // (H/H_kv)), float masks. bf16/fp16
+               inputs are computed in float32 (the op is no faster in bf16 on CPU, measured on torch 2.13),
+               so partial results are merged without intermediate low-precision rounding.
 ``blockwise``  flash-attention's tiled loop in plain torch (any device, any dtype): memory O(tile + S·D).
                Used on CUDA for now: wiring SDPA's fused CUDA ops (cuDNN/flash with LSE) is still to do.
 
@@ -16,7 +18,7 @@ Shapes::
     q      (B, H,    Sq, D)
     k, v   (B, H_kv, Sk, D)        H % H_kv == 0 (GQA/MQA: K/V are never repeated)
     mask   broadcastable to (B, H, Sq, Sk); bool (True = attend) or additive float
-    out    (B, H,    Sq, D)        q.dtype; 0 on rows that see no key
+    out    (B, H,    Sq, D)        q.dtype (float32 for bf16/fp16 on CPU); 0 on rows that see no key
     lse    (B, H,    Sq)           float32 (float64 for float64 input); -inf on rows that see no key
 
 ``is_causal`` is *top-left aligned* (query i sees keys j <= i); callers pass it only for diagonal
@@ -46,6 +48,13 @@ def kernel_name(q: torch.Tensor) -> str:
     if q.device.type == "cpu" and _CPU_FWD is not None:
         return "cpu_flash"
     return "blockwise"
+
+
+def _upcast(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """bf16/fp16 -> float32 for the CPU kernel: no slower there, and partials stay exact to float32."""
+    if ts[0].dtype in (torch.bfloat16, torch.float16):
+        return tuple(t.float() for t in ts)
+    return ts
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,6 +88,7 @@ def attention_forward(
     """Attention of ``q`` over ``k, v`` returning ``(out, lse)``; see the module docstring."""
     valid = _row_valid(mask, q.shape)
     if kernel_name(q) == "cpu_flash":
+        q, k, v = _upcast(q, k, v)
         fmask = None if mask is None else _float_mask(mask, stat_dtype(q.dtype))  # never rounded to bf16
         out, lse = _CPU_FWD(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
         lse = lse.to(stat_dtype(q.dtype))
@@ -104,15 +114,17 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of this block given the *global* ``out`` and ``lse`` of its query rows.
 
-    Returns ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)``, in the dtype of the inputs.
+    Returns ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)``, in the dtype of the inputs (float32 for
+    bf16/fp16 on CPU: the callers accumulate in float32 and cast once).
     """
     # Rows that see nothing anywhere have lse = -inf and out = 0: their P is 0 whatever finite lse
     # we use, so use 0 to keep exp(S - lse) free of NaN.
     lse = finite_or_zero(lse)
     if kernel_name(q) == "cpu_flash":
+        q, k, v, dout, out = _upcast(q, k, v, dout, out)
         fmask = None if mask is None else _float_mask(mask, stat_dtype(q.dtype))  # never rounded to bf16
         return _CPU_BWD(
-            dout.contiguous(), q, k, v, out.contiguous(), lse.float() if q.dtype != torch.float64 else lse,
+            dout.contiguous(), q, k, v, out.contiguous(), lse.to(stat_dtype(q.dtype)),
             0.0, is_causal, attn_mask=fmask, scale=scale,
         )
     return _blockwise_backward(dout, q, k, v, out, lse, scale, mask, is_causal)
@@ -136,7 +148,9 @@ def _scores(qb, kb, scale, mask, is_causal, q0, k0):
     sd = stat_dtype(qb.dtype)
     s = torch.einsum("bhgqd,bhkd->bhgqk", qb.to(sd), kb.to(sd)) * scale
     if mask is not None:
-        mb = mask[..., q0 : q0 + qb.shape[-2], k0 : k0 + kb.shape[-2]]
+        mq = slice(None) if mask.shape[-2] == 1 else slice(q0, q0 + qb.shape[-2])  # size-1 dims broadcast
+        mk = slice(None) if mask.shape[-1] == 1 else slice(k0, k0 + kb.shape[-2])
+        mb = mask[..., mq, mk]
         s = s.masked_fill(~mb, NEG_INF) if mb.dtype == torch.bool else s + mb.to(sd)
     if is_causal:
         qi = torch.arange(q0, q0 + qb.shape[-2], device=s.device).unsqueeze(-1)

@@ -1,0 +1,264 @@
+"""Job configuration: a TOML file mapped onto typed dataclasses, validated key by key.
+
+    seqpar run                                  # the built-in default (the values of configs/default.toml)
+    seqpar run configs/gpu.toml --seq-len 65536 --set measure.repeats=5
+
+Sections and keys are the fields below; ``configs/default.toml`` spells out every one of them with
+the same values as the dataclass defaults (a test keeps the two equal). Every problem is a
+:class:`ConfigError` naming the key and where its value came from (the file, or the command line)::
+
+    configs/x.toml: attention.heads = 6: must be a multiple of attention.kv_heads = 4
+
+TOML is read with ``tomllib`` (Python 3.11+) or ``tomli`` (3.10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seqpar.layout import LAYOUTS
+from seqpar.plan import STRATEGIES
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+GROUPS = ("torch", "mpi")
+DEFAULT_SOURCE = "built-in default (= configs/default.toml)"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and where the value came from."""
+
+
+@dataclass
+class RunSection:
+    world_size: int = 2  # ranks; 0 = whatever the launcher started (spawning locally: the GPUs, or 2 on CPU)
+    backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    group: str = "torch"  # torch: a torch.distributed group; mpi: mpi4py's COMM_WORLD (CPU, under mpirun)
+    threads_per_rank: int = 1  # torch.set_num_threads on each rank; 0 = leave it alone
+    timeout_s: float = 300.0  # a rank silent (or a collective stuck) this long fails the job
+    out: str = "seqpar-out"  # report.json and report.png go here
+    seed: int = 0
+
+
+@dataclass
+class AttentionSection:
+    batch: int = 1
+    heads: int = 2
+    kv_heads: int = 1
+    head_dim: int = 64
+    seq_len: int = 16384
+    dtype: str = "float32"
+    is_causal: bool = True
+    layout: str = "zigzag"
+    window_size: int | None = None  # absent = no window
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+
+
+@dataclass
+class MeasureSection:
+    warmup: int = 1  # untimed calls before the timed ones (the first also counts the bytes)
+    repeats: int = 2  # timed calls; the median (of the slowest rank's times) is reported
+    backward: bool = True  # also time fwd+bwd
+
+
+@dataclass
+class CheckSection:
+    seq_len: int = 1021  # float64 check against seqpar.ops.reference at this (small, odd) length
+    long: bool = True  # at attention.seq_len, compare with single-process SDPA on rank 0
+    grads: bool = True  # the long check includes dq, dk, dv
+    rtol: float | None = None  # max |a - b| / max |ref| allowed; absent = the per-dtype default
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    attention: AttentionSection = field(default_factory=AttentionSection)
+    measure: MeasureSection = field(default_factory=MeasureSection)
+    check: CheckSection = field(default_factory=CheckSection)
+    source: str = DEFAULT_SOURCE  # where the values came from (for messages)
+    overrides: dict[str, Any] = field(default_factory=dict)  # command-line values applied on top
+
+    def describe(self) -> str:
+        """``source``, plus the overridden keys (for titles and logs)."""
+        if not self.overrides:
+            return self.source
+        return f"{self.source} + {' '.join(f'{k}={v}' for k, v in self.overrides.items())}"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "attention": AttentionSection,
+    "measure": MeasureSection,
+    "check": CheckSection,
+}
+
+
+def _toml():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as e:
+            raise ImportError("reading configs on Python 3.10 needs tomli: pip install tomli") from e
+    return tomllib
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The config in ``path`` (None: the built-in default) with ``overrides`` ``{"section.key": value}``
+    (from the command line) applied; validated. Raises :class:`ConfigError`."""
+    if path is None:
+        data: dict[str, Any] = {}
+        source = DEFAULT_SOURCE
+    else:
+        p = Path(path)
+        source = str(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: no such config file")
+        try:
+            data = _toml().loads(p.read_text())
+        except Exception as e:  # tomllib.TOMLDecodeError
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return from_dict(data, source, overrides)
+
+
+def from_dict(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML plus command-line overrides."""
+    origin: dict[str, str] = {}
+    merged: dict[str, dict[str, Any]] = {}
+    for sec, values in data.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{sec}]; allowed: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {sec} must be a table [{sec}], got {values!r}")
+        for key, val in values.items():
+            merged.setdefault(sec, {})[key] = val
+            origin[f"{sec}.{key}"] = source
+    for dotted, val in (overrides or {}).items():
+        sec, _, key = dotted.partition(".")
+        where = f"command line ({dotted}={val!r})"
+        if sec not in SECTIONS or not key:
+            raise ConfigError(f"{where}: unknown key {dotted!r}; sections: {', '.join(SECTIONS)}")
+        merged.setdefault(sec, {})[key] = val
+        origin[dotted] = "command line"
+
+    def where(key: str) -> str:
+        return origin.get(key, source)
+
+    sections = {}
+    for sec, cls in SECTIONS.items():
+        kwargs = {}
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key, val in merged.get(sec, {}).items():
+            dotted = f"{sec}.{key}"
+            if key not in names:
+                raise ConfigError(f"{where(dotted)}: unknown key {dotted!r}; allowed in [{sec}]: {', '.join(names)}")
+            kwargs[key] = _typed(val, hints[key], dotted, where(dotted))
+        sections[sec] = cls(**kwargs)
+    cfg = Config(**sections, source=source, overrides=dict(overrides or {}))
+    _validate(cfg, where)
+    return cfg
+
+
+def _typed(val: Any, hint: Any, key: str, where: str) -> Any:
+    """``val`` checked against the field type (int, float, bool, str, list[str], X | None)."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None: the key may be absent; present, it must be an X
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(val, list):
+            raise ConfigError(f"{where}: {key} = {val!r}: must be a list of {item.__name__}")
+        return [_typed(v, item, key, where) for v in val]
+    ok = {
+        bool: isinstance(val, bool),
+        int: isinstance(val, int) and not isinstance(val, bool),
+        float: isinstance(val, (int, float)) and not isinstance(val, bool),
+        str: isinstance(val, str),
+    }[hint]
+    if not ok:
+        raise ConfigError(f"{where}: {key} = {val!r}: must be {hint.__name__}, got {type(val).__name__}")
+    return float(val) if hint is float else val
+
+
+def _validate(cfg: Config, where) -> None:
+    def fail(key: str, msg: str) -> None:
+        sec, _, name = key.partition(".")
+        val = getattr(getattr(cfg, sec), name)
+        raise ConfigError(f"{where(key)}: {key} = {val!r}: {msg}")
+
+    def one_of(key: str, allowed: tuple[str, ...]) -> None:
+        sec, _, name = key.partition(".")
+        if getattr(getattr(cfg, sec), name) not in allowed:
+            fail(key, f"allowed: {', '.join(map(repr, allowed))}")
+
+    r, a, m, c = cfg.run, cfg.attention, cfg.measure, cfg.check
+    one_of("run.backend", BACKENDS)
+    one_of("run.device", DEVICES)
+    one_of("run.group", GROUPS)
+    one_of("attention.dtype", DTYPES)
+    one_of("attention.layout", LAYOUTS)
+    for key, val, low in (
+        ("run.world_size", r.world_size, 0), ("run.threads_per_rank", r.threads_per_rank, 0),
+        ("attention.batch", a.batch, 1), ("attention.heads", a.heads, 1), ("attention.kv_heads", a.kv_heads, 1),
+        ("attention.head_dim", a.head_dim, 1), ("attention.seq_len", a.seq_len, 1),
+        ("measure.warmup", m.warmup, 0), ("measure.repeats", m.repeats, 1), ("check.seq_len", c.seq_len, 1),
+    ):
+        if val < low:
+            fail(key, f"must be >= {low}")
+    if r.timeout_s <= 0:
+        fail("run.timeout_s", "must be > 0")
+    if a.heads % a.kv_heads:
+        fail("attention.heads", f"must be a multiple of attention.kv_heads = {a.kv_heads}")
+    if a.window_size is not None and a.window_size < 0:
+        fail("attention.window_size", "must be >= 0 (leave it out for no window)")
+    if not a.strategies:
+        fail("attention.strategies", f"must name at least one of {', '.join(map(repr, STRATEGIES))}")
+    for s in a.strategies:
+        if s not in STRATEGIES:
+            fail("attention.strategies", f"unknown strategy {s!r}; allowed: {', '.join(map(repr, STRATEGIES))}")
+    if len(set(a.strategies)) != len(a.strategies):
+        fail("attention.strategies", "names a strategy twice")
+    if c.rtol is not None and c.rtol <= 0:
+        fail("check.rtol", "must be > 0 (leave it out for the per-dtype default)")
+    if r.backend == "nccl" and r.device == "cpu":
+        fail("run.backend", "nccl needs run.device = 'cuda' (or 'auto' on a GPU machine)")
+    if r.group == "mpi" and (r.device == "cuda" or r.backend == "nccl"):
+        fail("run.group", "the mpi4py group moves CPU tensors only: use run.device = 'cpu', run.backend = 'gloo'")
+    if r.world_size and a.seq_len < r.world_size:
+        fail("attention.seq_len", f"must be >= run.world_size = {r.world_size} (every rank needs tokens)")
+    if r.world_size and c.seq_len < 2 * r.world_size:
+        fail("check.seq_len", f"must be >= 2 * run.world_size = {2 * r.world_size}")
+
+
+def check_world_size(cfg: Config, actual: int, launcher: str) -> None:
+    """Raise if ``run.world_size`` (unless 0) differs from the ranks the launcher started."""
+    if cfg.run.world_size not in (0, actual):
+        raise ConfigError(
+            f"{cfg.source}: run.world_size = {cfg.run.world_size}, but {launcher} started {actual} ranks "
+            f"(set run.world_size = {actual}, or 0 to take the launcher's, or pass --world-size {actual})"
+        )
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"attention.heads=8"`` -> ``("attention.heads", 8)``; values are TOML (bare words are strings)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"command line: --set {item!r}: expected SECTION.KEY=VALUE, e.g. attention.heads=8")
+    try:
+        val = _toml().loads(f"v = {raw}")["v"]
+    except Exception:
+        val = raw  # a bare word: attention.dtype=bfloat16
+    return key.strip(), val

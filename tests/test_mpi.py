@@ -1,0 +1,54 @@
+"""Runs tests/mpi_cases.py under ``mpiexec -n 3`` (mpi4py communicator, numpy and torch inputs).
+
+Run: ``python -m pytest tests/test_mpi.py -q``   (needs ``pip install 'seqpar[mpi]'``: mpi4py + mpich)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+N_RANKS = 3
+MPI_TIMEOUT_S = 120
+N_CASES = 8  # the cases mpi_cases.py runs; a script that silently skipped some must fail here
+SCRIPT = Path(__file__).with_name("mpi_cases.py")
+
+
+def _mpiexec() -> str | None:
+    """mpiexec of the mpich wheel next to this Python, else the first on PATH."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("mpiexec")
+
+
+@pytest.mark.timeout(MPI_TIMEOUT_S + 30)
+def test_mpi_cases_under_mpiexec():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py is not installed: pip install 'seqpar[mpi]' (mpi4py + mpich)")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec next to the Python executable nor on PATH: pip install 'seqpar[mpi]'")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(
+            [mpiexec, "-n", str(N_RANKS), sys.executable, str(SCRIPT)],
+            capture_output=True, text=True, timeout=MPI_TIMEOUT_S, env=env, cwd=SCRIPT.parent.parent, check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpiexec -n {N_RANKS} {SCRIPT.name} did not finish within {MPI_TIMEOUT_S} s:\n"
+                    f"{e.stdout}\n{e.stderr}")
+    report = proc.stdout + proc.stderr
+    print(report)  # per-case max errors, shown with -s or on failure
+    assert proc.returncode == 0, report
+    lines = re.findall(r"^(PASS|FAIL) .*$", proc.stdout, flags=re.M)
+    assert len(lines) == N_CASES and set(lines) == {"PASS"}, report
+    assert f"{N_CASES}/{N_CASES} cases passed on {N_RANKS} MPI ranks" in proc.stdout, report
