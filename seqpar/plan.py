@@ -56,6 +56,13 @@ def plan(
     ``seq_len`` is the global key length; ``q_len`` the global query length (default: the same, as
     in training; pass e.g. 1 for decode).
     """
+    sizes = {
+        "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_len": seq_len, "head_dim": head_dim,
+        "world_size": world_size, "q_len": 1 if q_len is None else q_len,
+    }
+    for name, n in sizes.items():
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name}={n!r}; allowed: an int >= 1")
     if heads % kv_heads:
         raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     w, e = world_size, torch.empty((), dtype=dtype).element_size()

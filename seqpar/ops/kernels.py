@@ -18,7 +18,7 @@ Shapes::
     q      (B, H,    Sq, D)
     k, v   (B, H_kv, Sk, D)        H % H_kv == 0 (GQA/MQA: K/V are never repeated)
     mask   broadcastable to (B, H, Sq, Sk); bool (True = attend) or additive float
-    out    (B, H,    Sq, D)        q.dtype (float32 for bf16/fp16 on CPU); 0 on rows that see no key
+    out    (B, H,    Sq, D)        float32 (float64 for float64 input); 0 on rows that see no key
     lse    (B, H,    Sq)           float32 (float64 for float64 input); -inf on rows that see no key
 
 ``is_causal`` is *top-left aligned* (query i sees keys j <= i); callers pass it only for diagonal
@@ -114,8 +114,8 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of this block given the *global* ``out`` and ``lse`` of its query rows.
 
-    Returns ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)``, in the dtype of the inputs (float32 for
-    bf16/fp16 on CPU: the callers accumulate in float32 and cast once).
+    Returns ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)`` in float32 (float64 for float64 input):
+    callers accumulate in float32 and round to the input dtype once.
     """
     # Rows that see nothing anywhere have lse = -inf and out = 0: their P is 0 whatever finite lse
     # we use, so use 0 to keep exp(S - lse) free of NaN.
@@ -178,7 +178,7 @@ def _blockwise_forward(q, k, v, scale, mask, is_causal):
     qg = q.unflatten(1, (hkv, g))  # (B, Hkv, G, Sq, D)
     m5 = _mask5(mask, hkv, g)
     sd = stat_dtype(q.dtype)
-    out = torch.empty(b, hkv, g, sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    out = torch.empty(b, hkv, g, sq, v.shape[-1], dtype=sd, device=q.device)
     lse = torch.empty(b, hkv, g, sq, dtype=sd, device=q.device)
     for q0 in range(0, sq, bq):
         qb = qg[..., q0 : q0 + bq, :]
@@ -194,7 +194,7 @@ def _blockwise_forward(q, k, v, scale, mask, is_causal):
             l = l * corr + p.sum(-1, keepdim=True)
             acc = acc * corr + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, k0 : k0 + bk].to(sd))
             m = m_new
-        out[..., q0 : q0 + bq, :] = (acc / l.clamp_min(torch.finfo(sd).tiny)).to(q.dtype)
+        out[..., q0 : q0 + bq, :] = acc / l.clamp_min(torch.finfo(sd).tiny)
         lse[..., q0 : q0 + bq] = torch.where(l > 0, torch.log(l) + finite_or_zero(m), m).squeeze(-1)
     return out.flatten(1, 2), lse.flatten(1, 2)
 
@@ -208,7 +208,7 @@ def _blockwise_backward(dout, q, k, v, out, lse, scale, mask, is_causal):
     qg, dog, og = (t.unflatten(1, (hkv, g)) for t in (q, dout, out))
     lg = lse.unflatten(1, (hkv, g))
     m5 = _mask5(mask, hkv, g)
-    dq = torch.empty(qg.shape, dtype=q.dtype, device=q.device)
+    dq = torch.empty(qg.shape, dtype=sd, device=q.device)
     dk = torch.zeros(k.shape, dtype=sd, device=k.device)
     dv = torch.zeros(v.shape, dtype=sd, device=v.device)
     for q0 in range(0, sq, bq):
@@ -225,5 +225,5 @@ def _blockwise_backward(dout, q, k, v, out, lse, scale, mask, is_causal):
             ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", dob, vb) - delta) * scale
             dqb += torch.einsum("bhgqk,bhkd->bhgqd", ds, kb)
             dk[:, :, ks] += torch.einsum("bhgqk,bhgqd->bhkd", ds, qb.to(sd))
-        dq[..., sl, :] = dqb.to(q.dtype)
-    return dq.flatten(1, 2), dk.to(k.dtype), dv.to(v.dtype)
+        dq[..., sl, :] = dqb
+    return dq.flatten(1, 2), dk, dv

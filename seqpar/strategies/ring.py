@@ -73,7 +73,7 @@ class RingAttention(torch.autograd.Function):
         kv_ring, d_ring = RingComm(setup.comm), RingComm(setup.comm)
         buf = _pad(torch.stack([k, v]), n)
         dq = torch.zeros(q.shape, dtype=sd, device=q.device)
-        dkv = None  # accumulator for the K/V of `src`, (2, B, H_kv, n, D) float32
+        dkv = d_in = None  # accumulator for the K/V of `src` (2, B, H_kv, n, D) float32, and the next one
         for step in range(w):
             src = (rank - step) % w
             if step + 1 < w:
