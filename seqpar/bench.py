@@ -9,8 +9,8 @@ Every rank runs 1 thread; the single-process baseline runs W threads (the same c
 the zigzag layout (balanced work), non-causal the contiguous one. Reported per configuration: the
 median wall time of fwd and fwd+bwd (the slowest rank's time per repeat), the ratio to the baseline
 measured in the same run, bytes sent per rank against the strategy's analytic volume, and the peak
-resident memory per rank above its level before the measurement (Linux ``VmHWM``, reset between
-configurations through ``/proc/self/clear_refs``). Results go to ``<out>/bench.json`` and ``bench.png``.
+resident memory per rank above its level before the measurement (:mod:`seqpar.memory`). Results go to
+``<out>/bench.json`` and ``bench.png``.
 """
 
 from __future__ import annotations
@@ -25,29 +25,10 @@ from pathlib import Path
 
 import torch
 
-STRATEGIES = ("allreduce", "ring", "allgather")
-
+from seqpar.memory import PeakMemory
+from seqpar.plan import STRATEGIES
 
 # --- measurements -------------------------------------------------------------------------------
-
-
-def _rss_reset() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _rss(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _median_time(fn, repeats: int, sync=None) -> float:
@@ -134,10 +115,10 @@ def _measure(name, xs, go, layout_kw, *, comm, sync, args, s):
     comm.reset_stats()
     fwd()
     fwd_bytes = comm.bytes_sent
-    _rss_reset()
-    base = _rss("VmRSS")
+    mem = PeakMemory(xs[0].device)
+    mem.reset()
     t_fb = _median_time(fwd_bwd, args.repeats, sync)
-    peak = _rss("VmHWM") - base
+    peak = mem.peak() - mem.base
     comm.reset_stats()
     fwd_bwd()
     fb_bytes = comm.bytes_sent
@@ -207,10 +188,10 @@ def _baseline(args) -> list[dict]:
             def fwd_bwd():
                 sdpa(*leaves, is_causal=causal, **gqa).backward(go)
 
-            _rss_reset()
-            base = _rss("VmRSS")
+            mem = PeakMemory(q.device)
+            mem.reset()
             t_fb = _median_time(fwd_bwd, args.repeats)
-            peak = _rss("VmHWM") - base
+            peak = mem.peak() - mem.base
             rows.append({"impl": "sdpa (1 process)", "strategy": "single", "seq_len": s, "causal": causal,
                          "layout": "-", "world_size": 1, "fwd_s": _median_time(fwd, args.repeats),
                          "fwd_bwd_s": t_fb, "peak_mem_bytes": peak})

@@ -19,10 +19,9 @@ import sys
 from typing import Any
 
 from seqpar.config import DTYPES, ConfigError, load_config, parse_override
+from seqpar.layout import LAYOUTS
+from seqpar.plan import STRATEGIES
 from seqpar.report import make_console
-
-STRATEGIES = ("allreduce", "ring", "allgather")
-LAYOUTS = ("contiguous", "zigzag")
 
 # run flags -> config keys (flag dest, key)
 _RUN_FLAGS = {

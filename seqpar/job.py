@@ -26,9 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -41,6 +39,7 @@ import torch
 from seqpar.config import Config, check_world_size
 from seqpar.distributed import RankContext, join, launcher, launcher_world_size, spawn
 from seqpar.layout import shard_sizes
+from seqpar.memory import PeakMemory
 from seqpar.report import make_console
 
 #: max |a - b| / max |ref| allowed, by the dtype of the inputs (the reference is float64 or float32).
@@ -119,71 +118,6 @@ def exact_case(ctx: RankContext, case: Case) -> dict[str, Any]:
     stats = _max_over_ranks(comm, ctx.device, *stats)
     parts = {name: stats[2 * i] / max(stats[2 * i + 1], 1e-300) for i, name in enumerate(pairs)}
     return {"err": max(parts.values()), "parts": parts}
-
-
-# --- memory ------------------------------------------------------------------------------------
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _trim() -> None:
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
-
-
-class PeakMemory:
-    """Peak memory of this process since :meth:`reset` (see the module docstring for the sources)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.method = "torch.cuda.max_memory_allocated"
-        if not self.cuda:
-            self.method = "VmHWM (reset via /proc/self/clear_refs)" if self._clear() else "getrusage ru_maxrss"
-
-    @staticmethod
-    def _clear() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-            return _status_bytes("VmHWM") is not None
-        except OSError:
-            return False
-
-    def reset(self) -> None:
-        """Start a new measurement; :attr:`base` is what the process holds now."""
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = int(torch.cuda.memory_allocated())
-        else:
-            _trim()  # hand freed heap pages back, so the base is what this process really holds
-            self._clear()
-            self.base = _status_bytes("VmRSS") or 0
-
-    def peak(self) -> int:
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated())
-        hwm = _status_bytes("VmHWM")
-        if hwm is not None:
-            return hwm
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(r if sys.platform == "darwin" else r * 1024)
 
 
 @contextmanager
