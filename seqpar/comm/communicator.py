@@ -264,7 +264,12 @@ def get_communicator(group: Any = None) -> Communicator:
         return group
     hit = _CACHE.get(id(group))
     if hit is not None and hit[0] is group:
-        return hit[1]
+        comm = hit[1]
+        stale = group is None and (  # the default group was destroyed and started again
+            not dist.is_initialized() or (dist.get_rank(), dist.get_world_size()) != (comm.rank, comm.world_size)
+        )
+        if not stale:
+            return comm
     if group is None or isinstance(group, dist.ProcessGroup):
         comm: Communicator = TorchCommunicator(group)
     elif type(group).__module__.startswith("mpi4py"):
