@@ -1,17 +1,21 @@
 r"""Sequence-parallel attention: every rank holds a slice of the sequence of q, k and v.
 
-Which tokens each rank holds is the ``layout`` (:mod:`seqpar.layout`). Causal blocks with W = 2,
-S split into pieces ``P0..P3`` (zigzag: rank 0 holds P0, P3; rank 1 holds P1, P2)::
+Which tokens each rank holds is the ``layout`` (:mod:`seqpar.layout`). Causal blocks with W = 2 and
+the sequence cut into pieces P0..P3::
 
-              keys ->      contiguous                zigzag
-                           r0    r1                  P0 P1 P2 P3
-    queries   r0  [P0 P1]  \#    .        r0  P0     \  .  .  .
-              r1  [P2 P3]  ##    \#           P3     #  #  #  \
-                                          r1  P1     #  \  .  .
-                                              P2     #  #  \  .
+    contiguous (rank 0: P0 P1, rank 1: P2 P3)       zigzag (rank 0: P0 P3, rank 1: P1 P2)
 
-    ``#`` full block, ``\`` diagonal (causal kernel), ``.`` empty: skipped, never computed.
-    Contiguous: rank 1 does 3 blocks' work, rank 0 one; zigzag: both do the same.
+                  keys  P0 P1 P2 P3                               keys  P0 P1 P2 P3
+    rank 0  q P0        \  .  .  .                  rank 0  q P0        \  .  .  .
+              P1        #  \  .  .                            P3        #  #  #  \
+    rank 1  q P2        #  #  \  .                  rank 1  q P1        #  \  .  .
+              P3        #  #  #  \                            P2        #  #  \  .
+
+    ``#`` full block, ``\`` diagonal block (the causal kernel), ``.`` empty: skipped, never computed.
+    Contiguous: rank 0 does 2 blocks' work, rank 1 does 6; zigzag: 4 each.
+
+Window, document and padding masks are cut into the same blocks; a block they leave empty is skipped
+too, and only partial blocks get a (block-sized) mask.
 """
 
 from __future__ import annotations

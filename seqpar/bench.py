@@ -201,7 +201,11 @@ def _baseline(args) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     from seqpar.distributed import spawn
 
-    rows = spawn(_grid, (args,), world_size=args.world_size, threads=1, timeout_s=args.timeout)
+    def show(rank: int, kind: str, payload) -> None:
+        if kind == "log":
+            print(payload, flush=True)
+
+    rows = spawn(_grid, (args,), world_size=args.world_size, threads=1, timeout_s=args.timeout, on_event=show)
     base = {(r["seq_len"], r["causal"]): r for r in _baseline(args)}
     for r in rows:
         b = base[(r["seq_len"], r["causal"])]

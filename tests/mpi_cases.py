@@ -114,6 +114,22 @@ def case_softmax_torch(dtype_name: str) -> None:
            "" if y.dtype == x.dtype else f"dtype {y.dtype}")
 
 
+def case_attention_torch(strategy: str) -> None:
+    """seqpar.attention (sequence-parallel, causal, zigzag) through the mpi4py communicator, fwd+bwd."""
+    s = 4 * W + 3
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, s, 8, generator=g, dtype=torch.float64)
+    k, v, dout = (torch.randn(1, 2 if i < 2 else 4, s, 8, generator=g, dtype=torch.float64) for i in range(3))
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    r_out, _, _ = reference.attention(q64, k64, v64, mask=reference.sequence_mask(s, is_causal=True))
+    refs = (r_out, *torch.autograd.grad(r_out, (q64, k64, v64), dout))
+    ql, kl, vl = (seqpar.shard(t, layout="zigzag", group=COMM).requires_grad_() for t in (q, k, v))
+    out = seqpar.attention(ql, kl, vl, group=COMM, is_causal=True, layout="zigzag", strategy=strategy)
+    mine = (out, *torch.autograd.grad(out, (ql, kl, vl), seqpar.shard(dout, layout="zigzag", group=COMM)))
+    e = max(err(a.detach(), seqpar.shard(b.detach(), layout="zigzag", group=COMM)) for a, b in zip(mine, refs))
+    record(f"attention {strategy} zigzag causal GQA float64 forward+backward (MPI communicator)", e, TOL["float64"])
+
+
 def case_mismatch() -> None:
     q, k, v, _ = full_inputs(torch.float32, seed=6)
     try:
@@ -135,6 +151,8 @@ def main() -> int:
     case_kv_torch_backward()
     case_softmax_torch("float32")
     case_softmax_torch("bfloat16")
+    for strategy in ("allreduce", "ring", "allgather"):
+        case_attention_torch(strategy)
     case_mismatch()
     failed = 0
     for name, e, tol, problem in results:

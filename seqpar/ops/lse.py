@@ -30,27 +30,37 @@ def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
 
 
+def merge_into(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Merge the partial ``(out_b, lse_b)`` into the accumulator ``(out, lse)`` in place.
+
+    out ``(..., S, D)``, lse ``(..., S)``; the accumulator may be a view (a block of rows). No
+    temporary of out's size is made. Weights are renormalised: ``lse = logaddexp(lse_a, lse_b)``
+    carries a rounding error of ulp(|lse|) (6e-5 in float32 at |lse| = 1000), so
+    ``exp(lse_a - lse) + exp(lse_b - lse)`` is 1 only up to that error. Dividing by their sum keeps
+    ``out`` an exact convex combination of the partials; without it the error grows with |lse| and
+    the backward, which subtracts ``rowsum(dout * out)``, amplifies it (measured: float32 dq 1e-3
+    instead of 3e-5 relative with logits ~ 1000).
+    """
+    new = torch.logaddexp(lse, lse_b)  # (-inf, -inf) -> -inf
+    safe = finite_or_zero(new)
+    wa = torch.exp(lse - safe)  # 0 where lse = -inf
+    wb = torch.exp(lse_b.to(lse.dtype) - safe)
+    z = wa + wb  # 0 only on rows that see nothing
+    z = torch.where(z > 0, z, torch.ones_like(z))
+    out.mul_((wa / z).unsqueeze(-1).to(out.dtype)).addcmul_(out_b, (wb / z).unsqueeze(-1).to(out.dtype))
+    lse.copy_(new)
+
+
 def merge_partials(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two partial results over disjoint key sets.
+    """Merge two partial results over disjoint key sets (see :func:`merge_into`).
 
-    out_* ``(..., S, D)``, lse_* ``(..., S)``. Returns ``(out, lse)`` with out in the dtype of
+    out_* ``(..., S, D)``, lse_* ``(..., S)``. Returns new ``(out, lse)`` with out in the dtype of
     ``out_a`` (pass float32 accumulators to keep the merge exact to float32).
-
-    The weights are renormalised: ``lse = logaddexp(lse_a, lse_b)`` carries a rounding error of
-    ulp(|lse|) (6e-5 in float32 at |lse| = 1000), so ``exp(lse_a - lse) + exp(lse_b - lse)`` is 1
-    only up to that error. Dividing by their sum keeps ``out`` an exact convex combination of the
-    partials; without it the error grows with |lse| and the backward, which subtracts
-    ``rowsum(dout * out)``, amplifies it (measured: float32 dq 1e-3 instead of 3e-5 relative with
-    logits ~ 1000).
     """
-    lse = torch.logaddexp(lse_a, lse_b)  # (-inf, -inf) -> -inf
-    safe = finite_or_zero(lse)
-    wa = torch.exp(lse_a - safe).unsqueeze(-1).to(out_a.dtype)  # 0 where lse_a = -inf
-    wb = torch.exp(lse_b - safe).unsqueeze(-1).to(out_a.dtype)
-    z = wa + wb  # 0 only on rows that see nothing
-    out = (out_a * wa + out_b.to(out_a.dtype) * wb) / torch.where(z > 0, z, torch.ones_like(z))
+    out, lse = out_a.clone(), lse_a.clone()
+    merge_into(out, lse, out_b, lse_b)
     return out, lse
 
 

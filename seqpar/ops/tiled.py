@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from seqpar.ops.kernels import attention_backward, attention_forward
-from seqpar.ops.lse import NEG_INF, merge_partials, stat_dtype
+from seqpar.ops.lse import NEG_INF, merge_into, stat_dtype
 from seqpar.ops.masks import MaskSpec, Tokens, blocks
 
 
@@ -31,6 +31,10 @@ def tiled_forward(
     acc: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``q`` over ``k, v``, merged into ``acc`` (updated in place) when given."""
+    todo = list(blocks(qt, kt, spec))
+    if acc is None and len(todo) == 1 and _covers(todo[0], q, k):  # one kernel call: its result as is
+        blk = todo[0]
+        return attention_forward(q, k, v, scale=scale, mask=blk.mask, is_causal=blk.is_causal)
     if acc is None:
         sd = stat_dtype(q.dtype)
         acc = (
@@ -38,12 +42,16 @@ def tiled_forward(
             torch.full(q.shape[:-1], NEG_INF, dtype=sd, device=q.device),
         )
     out, lse = acc
-    for blk in blocks(qt, kt, spec):
+    for blk in todo:
         o, l = attention_forward(
             q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale, mask=blk.mask, is_causal=blk.is_causal
         )
-        out[:, :, blk.q], lse[:, :, blk.q] = merge_partials(out[:, :, blk.q], lse[:, :, blk.q], o, l)
+        merge_into(out[:, :, blk.q], lse[:, :, blk.q], o, l)
     return out, lse
+
+
+def _covers(blk, q: torch.Tensor, k: torch.Tensor) -> bool:
+    return blk.q == slice(0, q.shape[2]) and blk.k == slice(0, k.shape[2])
 
 
 def tiled_backward(
@@ -63,11 +71,15 @@ def tiled_backward(
     Returns float32 (float64) accumulators ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)``.
     ``dout`` and ``out`` are in q's dtype.
     """
+    todo = list(blocks(qt, kt, spec))
+    if len(todo) == 1 and _covers(todo[0], q, k):  # one kernel call: its gradients as they are
+        blk = todo[0]
+        return attention_backward(dout, q, k, v, out, lse, scale=scale, mask=blk.mask, is_causal=blk.is_causal)
     sd = stat_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=sd, device=q.device)
     dk = torch.zeros(k.shape, dtype=sd, device=k.device)
     dv = torch.zeros(v.shape, dtype=sd, device=v.device)
-    for blk in blocks(qt, kt, spec):
+    for blk in todo:
         gq, gk, gv = attention_backward(
             dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], out[:, :, blk.q], lse[:, :, blk.q],
             scale=scale, mask=blk.mask, is_causal=blk.is_causal,
