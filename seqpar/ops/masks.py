@@ -110,27 +110,46 @@ def dense_mask(qt: Tokens, kt: Tokens, spec: MaskSpec) -> torch.Tensor | None:
 
 
 def blocks(qt: Tokens, kt: Tokens, spec: MaskSpec) -> Iterator[Block]:
-    """Yield the non-empty blocks of queries ``qt`` against keys ``kt`` (see module docstring)."""
+    """Yield the non-empty blocks of queries ``qt`` against keys ``kt`` (see module docstring).
+
+    Runs of consecutive positions are paired; a pair the position rules cut only partly (a sliding
+    window, a causal edge that is not a diagonal) is tiled into ``TILE`` x ``TILE`` blocks, so tiles
+    outside the window are skipped and tiles inside it run without a mask.
+    """
     data_masks = (qt.doc is not None and kt.doc is not None) or kt.keep is not None
     for ka, kb in kt.runs():
-        kpa, kpb = int(kt.pos[ka]), int(kt.pos[kb - 1])
         for qa, qb in qt.runs():
-            kind = _classify(int(qt.pos[qa]), int(qt.pos[qb - 1]), kpa, kpb, spec)
+            kind = _classify(int(qt.pos[qa]), int(qt.pos[qb - 1]), int(kt.pos[ka]), int(kt.pos[kb - 1]), spec)
             if kind == "empty":
                 continue
-            if not data_masks and kind in ("full", "diag"):
-                yield Block(slice(qa, qb), slice(ka, kb), None, kind == "diag")
+            if kind in ("full", "diag"):
+                yield from _resolve(qt, kt, spec, qa, qb, ka, kb, kind, data_masks)
                 continue
-            batch = 1 if qt.doc is None and kt.keep is None else max(
-                t.shape[0] for t in (qt.doc, kt.keep) if t is not None
-            )
-            step = max(16, MAX_MASK_ELEMENTS // max(1, batch * (kb - ka)))
-            for a in range(qa, qb, step):
-                b = min(qb, a + step)
-                m = dense_mask(qt.slice(a, b), kt.slice(ka, kb), spec)
-                if m is not None:
-                    if not bool(m.any()):
-                        continue
-                    if bool(m.all()):
-                        m = None
-                yield Block(slice(a, b), slice(ka, kb), m, False)
+            for ta in range(ka, kb, TILE):
+                tb = min(kb, ta + TILE)
+                for sa in range(qa, qb, TILE):
+                    sb = min(qb, sa + TILE)
+                    tile = _classify(int(qt.pos[sa]), int(qt.pos[sb - 1]), int(kt.pos[ta]), int(kt.pos[tb - 1]), spec)
+                    if tile != "empty":
+                        yield from _resolve(qt, kt, spec, sa, sb, ta, tb, tile, data_masks)
+
+
+TILE = 512  # tile edge for pairs of runs that a window or causal edge cuts only partly
+
+
+def _resolve(qt, kt, spec, qa, qb, ka, kb, kind, data_masks) -> Iterator[Block]:
+    """Blocks for queries [qa, qb) x keys [ka, kb) that the position rules call ``kind`` (not empty)."""
+    if not data_masks and kind in ("full", "diag"):
+        yield Block(slice(qa, qb), slice(ka, kb), None, kind == "diag")
+        return
+    batch = max([1] + [t.shape[0] for t in (qt.doc, kt.keep) if t is not None])
+    step = max(16, MAX_MASK_ELEMENTS // max(1, batch * (kb - ka)))
+    for a in range(qa, qb, step):
+        b = min(qb, a + step)
+        m = dense_mask(qt.slice(a, b), kt.slice(ka, kb), spec)
+        if m is not None:
+            if not bool(m.any()):
+                continue
+            if bool(m.all()):
+                m = None
+        yield Block(slice(a, b), slice(ka, kb), m, False)
