@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import seqpar
-import seqpar.hf  # needs transformers: pip install "seqpar[hf]"
+import seqpar.hf  # needs transformers: pip install -e ".[hf]" in a seqpar checkout
 import seqpar.nn
 from seqpar.comm import get_communicator
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Start seqpar -- or any script -- under MPI: MPICH's mpiexec (the `mpich` wheel of `pip install seqpar[mpi]`)
+# Start seqpar -- or any script -- under MPI: MPICH's mpiexec (the `mpich` wheel of `pip install -e ".[mpi]"`)
 # or Open MPI's mpirun, detected from `$MPIEXEC --version`.
 #
 #   launch/mpirun.sh                                    # seqpar run $CONFIG (default: configs/mpi.toml)
 #   launch/mpirun.sh configs/mpi.toml --seq-len 4096    # a .toml first: seqpar run that config, flags after it
 #   launch/mpirun.sh verify --group mpi --seq-lens 61   # a seqpar command first: run | verify | bench | info
-#   launch/mpirun.sh examples/train.py --steps 5        # a .py file first: that script on every rank
+#   launch/mpirun.sh examples/train_recall.py --steps 5        # a .py file first: that script on every rank
 #   HOSTS=node0,node1 NP=16 launch/mpirun.sh            # several hosts
 #
 # Convention (the same as launch/torchrun.sh): the FIRST argument says what runs; the rest passes through.

@@ -4,7 +4,7 @@
 #   launch/torchrun.sh                                  # seqpar run $CONFIG (default: the built-in config)
 #   launch/torchrun.sh configs/gpu.toml --repeats 5     # a .toml first: seqpar run that config, flags after it
 #   launch/torchrun.sh verify --seq-lens 61             # a seqpar command first: run | verify | bench | info
-#   launch/torchrun.sh examples/train.py --steps 5      # a .py file first: that script on every rank
+#   launch/torchrun.sh examples/train_recall.py --steps 5      # a .py file first: that script on every rank
 #   NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh       # on every node: multi-node, c10d rendezvous
 #
 # Convention: the FIRST argument says what runs (nothing / *.toml / a seqpar command / *.py); every argument

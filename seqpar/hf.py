@@ -35,7 +35,7 @@ What the model must be given, and what transformers passes on to the attention f
   forward; transformers forwards extra kwargs to the attention function.
 
 GQA (``num_key_value_heads < num_attention_heads``) runs without repeating K/V. ``transformers`` is
-the optional ``hf`` extra: ``pip install "seqpar[hf]"``. Verified with transformers 5.24.
+the optional ``hf`` extra: ``pip install -e ".[hf]"`` in a seqpar checkout. Verified with transformers 5.24.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from seqpar.plan import STRATEGIES
 try:
     import transformers
 except ImportError as e:
-    raise ImportError('seqpar.hf needs transformers: pip install "seqpar[hf]"') from e
+    raise ImportError('seqpar.hf needs transformers: pip install -e ".[hf]" in a seqpar checkout') from e
 try:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface

@@ -153,7 +153,7 @@ def test_missing_transformers_message():
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "seqpar.hf"}
     sys.modules["transformers"] = None  # makes `import transformers` raise ImportError
     try:
-        with pytest.raises(ImportError, match=r'pip install "seqpar\[hf\]"'):
+        with pytest.raises(ImportError, match=r'pip install -e "\.\[hf\]"'):
             importlib.import_module("seqpar.hf")
     finally:
         sys.modules["transformers"] = transformers

@@ -31,7 +31,7 @@ def test_torchrun_sh_runs_a_tiny_job():
     assert "all 2 cases match (2 ranks, torchrun)" in r.stdout
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec (pip install 'seqpar[mpi]')")
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec (pip install -e '.[mpi]')")
 def test_mpirun_sh_runs_the_job_over_gloo_bootstrapped_by_mpi(tmp_path):
     pytest.importorskip("mpi4py")
     r = sh("mpirun.sh", "run", "--seq-len", "40", "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
@@ -42,7 +42,7 @@ def test_mpirun_sh_runs_the_job_over_gloo_bootstrapped_by_mpi(tmp_path):
     assert meta["launcher"] == "mpi" and meta["world_size"] == 2
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec (pip install 'seqpar[mpi]')")
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec (pip install -e '.[mpi]')")
 def test_mpirun_sh_verify_through_the_mpi4py_communicator():
     pytest.importorskip("mpi4py")
     r = sh("mpirun.sh", *TINY_VERIFY, "--group", "mpi", "--strategies", "allreduce")

@@ -1,6 +1,6 @@
 """Runs tests/mpi_cases.py under ``mpiexec -n 3`` (mpi4py communicator, numpy and torch inputs).
 
-Run: ``python -m pytest tests/test_mpi.py -q``   (needs ``pip install 'seqpar[mpi]'``: mpi4py + mpich)
+Run: ``python -m pytest tests/test_mpi.py -q``   (needs ``pip install -e '.[mpi]'``: mpi4py + mpich)
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def test_mpi_cases_under_mpiexec():
     try:
         import mpi4py  # noqa: F401
     except ImportError:
-        pytest.skip("mpi4py is not installed: pip install 'seqpar[mpi]' (mpi4py + mpich)")
+        pytest.skip("mpi4py is not installed: pip install -e '.[mpi]' (mpi4py + mpich)")
     mpiexec = _mpiexec()
     if mpiexec is None:
-        pytest.skip("no mpiexec next to the Python executable nor on PATH: pip install 'seqpar[mpi]'")
+        pytest.skip("no mpiexec next to the Python executable nor on PATH: pip install -e '.[mpi]'")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(
