@@ -74,7 +74,8 @@ def mpi_world():
         from mpi4py import MPI
     except ImportError as e:
         raise ImportError(
-            "started by an MPI launcher, but mpi4py is missing: pip install -e '.[mpi]' from a seqpar checkout (mpi4py + mpich)"
+            "started by an MPI launcher, but mpi4py is missing: "
+            "pip install -e '.[mpi]' from a seqpar checkout (mpi4py + mpich)"
         ) from e
     return MPI.COMM_WORLD
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from dist_pool import Pool
 
 _POOLS: dict[int, Pool] = {}
@@ -17,3 +18,12 @@ def dist():
     yield run
     for pool in _POOLS.values():
         pool.close(force=pool.broken)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The reference runs in the parent while the ranks wait: tiny tensors are fastest on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

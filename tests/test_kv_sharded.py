@@ -39,13 +39,7 @@ WORLD_SIZES = (1, 2, 3, 4)
 B, H, D = 2, 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The reference runs here while the ranks wait: tiny tensors are fastest on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _eps(dtype_name: str) -> float:

@@ -26,13 +26,7 @@ TOL_GRAD = {"float64": 1e-13, "float32": 1e-6, "bfloat16": 8e-3, "float16": 1e-3
 WORLD_SIZES = (1, 2, 3, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The reference runs here while the ranks wait: tiny tensors are fastest on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- worked examples from the formula alpha_ij = exp(beta_ij) / sum_k exp(beta_ik) ------------
