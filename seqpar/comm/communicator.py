@@ -35,7 +35,6 @@ class Communicator:
 
     def __init__(self) -> None:
         self.bytes_sent = 0
-        self.calls = 0
 
     # -- primitives --------------------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor, op: str) -> None:
@@ -53,17 +52,12 @@ class Communicator:
         """Start sends/receives (peers are ranks of this communicator); return a ``wait()``-able."""
         raise NotImplementedError
 
-    def barrier(self) -> None:
-        raise NotImplementedError
-
     # -- the interface -----------------------------------------------------------------------
     def _count(self, nbytes: float) -> None:
         self.bytes_sent += int(nbytes)
-        self.calls += 1
 
     def reset_stats(self) -> None:
         self.bytes_sent = 0
-        self.calls = 0
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place (``t`` must be contiguous); ``op`` in {'sum', 'max'}. Returns ``t``."""
@@ -142,9 +136,6 @@ class TorchCommunicator(Communicator):
     def _all_reduce(self, t, op):
         dist.all_reduce(t, op=self._OPS[op], group=self.group)
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
-
     def _all_gather(self, out, t):
         _ALL_GATHER(out, t, group=self.group)
 
@@ -186,9 +177,6 @@ class MPICommunicator(Communicator):
 
     def _all_gather(self, out, t):
         self.comm.Allgather(self._np(t), self._np(out))
-
-    def barrier(self) -> None:
-        self.comm.Barrier()
 
     def _reduce_scatter(self, out, t):
         wide_in = t if t.dtype in (torch.float32, torch.float64) else t.float()
