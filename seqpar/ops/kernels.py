@@ -51,10 +51,12 @@ def kernel_name(q: torch.Tensor) -> str:
 
 
 def _upcast(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """bf16/fp16 -> float32 for the CPU kernel: no slower there, and partials stay exact to float32."""
+    """Inputs as the CPU kernel needs them: bf16/fp16 -> float32 (no slower there, and partials stay
+    exact to float32), and a stride-1 last dimension -- the op reads rows as if ``stride(-1) == 1``
+    and returns garbage (1e19..1e36, NaN) for e.g. ``x.transpose(2, 3).contiguous().transpose(2, 3)``."""
     if ts[0].dtype in (torch.bfloat16, torch.float16):
-        return tuple(t.float() for t in ts)
-    return ts
+        ts = tuple(t.float() for t in ts)
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in ts)
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
