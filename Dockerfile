@@ -16,6 +16,7 @@ RUN python -c 'import sys; assert sys.version_info >= (3, 10), sys.version'
 WORKDIR /opt/seqpar
 COPY pyproject.toml README.md ./
 COPY seqpar ./seqpar
+COPY seqpar_tools ./seqpar_tools
 RUN pip install --no-cache-dir ".[mpi]" && python -c "import seqpar, mpi4py"
 COPY configs ./configs
 COPY launch ./launch

@@ -29,9 +29,9 @@ THREADS=${OMP_NUM_THREADS:-1}
 
 first=${1:-}
 case "$first" in
-  "")                       target=(-m seqpar run "$CONFIG") ;;
-  *.toml)                   shift; target=(-m seqpar run "$first" "$@") ;;
-  run|verify|bench|info)    shift; target=(-m seqpar "$first" "$@") ;;
+  "")                       target=(-m seqpar_tools run "$CONFIG") ;;
+  *.toml)                   shift; target=(-m seqpar_tools run "$first" "$@") ;;
+  run|verify|bench|info)    shift; target=(-m seqpar_tools "$first" "$@") ;;
   *.py)                     shift; target=("$first" "$@") ;;
   *) echo "launch/mpirun.sh: first argument '$first' is not a *.toml, a seqpar command (run|verify|bench|info)" \
           "or a *.py script; see the top of this file" >&2; exit 2 ;;

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from seqpar import cli
-from seqpar.distributed import RankError, spawn
+from seqpar_tools import cli
+from seqpar_tools.runner import RankError, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +37,7 @@ seq_len = 23
 
 def seqpar(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "seqpar", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        [sys.executable, "-m", "seqpar_tools", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
 
@@ -68,7 +68,7 @@ def test_run_tiny_config_writes_a_parseable_report(tmp_path, capsys):
 
 
 def test_write_report_several_lengths(tmp_path):
-    from seqpar.report import write_report
+    from seqpar_tools.report import write_report
 
     rows = [{"impl": f"seqpar:{s}", "strategy": s, "seq_len": n, "causal": c, "fwd_s": 0.1 * n / 1024,
              "fwd_bwd_s": 0.3 * n / 1024, "bytes_per_rank_fwd": 1000 * n, "bytes_per_rank_fwd_bwd": 3000 * n}
@@ -120,20 +120,20 @@ def test_bench_is_wired_to_seqpar_bench_main(monkeypatch):
     import types
 
     seen = []
-    fake = types.ModuleType("seqpar.bench")
+    fake = types.ModuleType("seqpar_tools.bench")
     fake.main = lambda argv=None: seen.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "seqpar.bench", fake)
+    monkeypatch.setitem(sys.modules, "seqpar_tools.bench", fake)
     assert cli.main(["bench", "--seq-lens", "64", "--help"]) == 7
     assert seen == [["--seq-lens", "64", "--help"]]
 
 
 def test_flags_override_the_config(tmp_path, monkeypatch):
-    import seqpar.job
+    import seqpar_tools.run
 
     cfg_path = tmp_path / "c.toml"
     cfg_path.write_text("[attention]\nheads = 8\nkv_heads = 2\n[measure]\nrepeats = 4\n")
     got = []
-    monkeypatch.setattr(seqpar.job, "run_job", lambda cfg, **kw: got.append((cfg, kw)) or 0)
+    monkeypatch.setattr(seqpar_tools.run, "run_job", lambda cfg, **kw: got.append((cfg, kw)) or 0)
     assert cli.main(["run", str(cfg_path), "--heads", "4", "--no-causal", "--strategies", "ring",
                      "--set", "measure.warmup=3", "--out", "o", "--log-all-ranks"]) == 0
     cfg, kw = got[0]

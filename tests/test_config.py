@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from seqpar.config import Config, ConfigError, check_world_size, load_config, parse_override
+from seqpar_tools.config import Config, ConfigError, check_world_size, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 # the job configs (configs/train*.toml belong to the training example and have their own schema)
@@ -15,7 +15,7 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.toml") if not p.name.star
 
 
 def test_default_file_is_the_builtin_default_and_spells_every_key():
-    from seqpar.config import _toml
+    from seqpar_tools.config import _toml
 
     raw = _toml().loads((ROOT / "configs" / "default.toml").read_text())
     builtin = Config().to_dict()

@@ -10,7 +10,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from seqpar.config import _toml
+from seqpar_tools.config import _toml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -55,7 +55,7 @@ def test_installs_seqpar_with_extras_that_exist():
 def test_default_command_is_seqpar_info_and_seqpar_is_a_console_script():
     cmds = [rest for op, rest in instructions() if op == "CMD"]
     assert cmds == ['["seqpar", "info"]']
-    assert PYPROJECT["project"]["scripts"]["seqpar"] == "seqpar.cli:main"
+    assert PYPROJECT["project"]["scripts"]["seqpar"] == "seqpar_tools.cli:main"
 
 
 def test_copied_paths_exist_and_are_not_docker_ignored():

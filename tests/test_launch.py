@@ -57,8 +57,8 @@ def dry(script: str, *args: str, env: dict | None = None) -> str:
 
 
 def test_torchrun_sh_convention_and_multinode_rendezvous():
-    assert "--standalone" in dry("torchrun.sh") and "-m seqpar run" in dry("torchrun.sh")
-    assert "-m seqpar run configs/gpu.toml --repeats 5" in dry("torchrun.sh", "configs/gpu.toml", "--repeats", "5")
+    assert "--standalone" in dry("torchrun.sh") and "-m seqpar_tools run" in dry("torchrun.sh")
+    assert "-m seqpar_tools run configs/gpu.toml --repeats 5" in dry("torchrun.sh", "configs/gpu.toml", "--repeats", "5")
     out = dry("torchrun.sh", "examples/train.py", "--steps", "5",
               env={"NNODES": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "1234", "RDZV_ID": "job7", "NPROC": "8"})
     for part in ("--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:1234", "--rdzv-id=job7",
@@ -84,7 +84,7 @@ def test_mpirun_sh_flavours(tmp_path):
     _stub(tmp_path, "hydra", 'echo "HYDRA build details:"\n')
     out = dry("mpirun.sh", env={"MPIEXEC": str(tmp_path / "hydra"), "HOSTS": "a,b"})
     assert "# mpich" in out and "-genv OMP_NUM_THREADS 1" in out and "-hosts a,b" in out
-    assert "-m seqpar run configs/mpi.toml" in out
+    assert "-m seqpar_tools run configs/mpi.toml" in out
 
 
 def test_slurm_sbatch_starts_torchrun_on_every_node_with_the_rendezvous(tmp_path):
@@ -98,5 +98,5 @@ def test_slurm_sbatch_starts_torchrun_on_every_node_with_the_rendezvous(tmp_path
                        env={**os.environ, **env, "DRY_RUN": "1", "PYTHON": sys.executable}, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     for part in ("torch.distributed.run", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=nodeA:29500",
-                 "--rdzv-id=42", "--nproc-per-node=4", "-m seqpar run configs/multinode.toml"):
+                 "--rdzv-id=42", "--nproc-per-node=4", "-m seqpar_tools run configs/multinode.toml"):
         assert part in r.stdout, r.stdout

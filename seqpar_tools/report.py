@@ -1,6 +1,6 @@
 """Result reports: a table on the terminal, ``report.json`` and a PNG plot in one call.
 
-    from seqpar.report import write_report
+    from seqpar_tools.report import write_report
     paths = write_report(rows, Path("seqpar-out"), title="seqpar run", meta={"world_size": 2})
     # -> {"json": seqpar-out/report.json, "png": seqpar-out/report.png}
 

@@ -36,11 +36,12 @@ from typing import Any
 
 import torch
 
-from seqpar.config import Config, check_world_size
-from seqpar.distributed import RankContext, join, launcher, launcher_world_size, spawn
+from seqpar_tools.config import Config, check_world_size
+from seqpar.distributed import launcher, launcher_world_size
+from seqpar_tools.runner import RankContext, join, spawn
 from seqpar.layout import shard_sizes
-from seqpar.memory import PeakMemory
-from seqpar.report import make_console
+from seqpar_tools.memory import PeakMemory
+from seqpar_tools.report import make_console
 
 #: max |a - b| / max |ref| allowed, by the dtype of the inputs (the reference is float64 or float32).
 TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 3e-2, "float16": 4e-3}
@@ -367,7 +368,7 @@ def execute(fn: Callable[..., Any], args: tuple, *, run_cfg, world_size: int, lo
 
 def run_job(cfg: Config, *, log_all_ranks: bool = False, show_progress: bool = True, console=None) -> int:
     """``seqpar run``: exit code 0 when every check passed, 1 otherwise (report written either way)."""
-    from seqpar.report import write_report
+    from seqpar_tools.report import write_report
 
     console = console or make_console()
     launched = launcher_world_size()

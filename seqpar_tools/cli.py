@@ -2,7 +2,7 @@
 
     seqpar run [CONFIG] [flags]   the main job: every strategy checked, timed, measured; report in --out
     seqpar verify [flags]         exactness only, for your shapes / dtypes / world size; exit 1 on mismatch
-    seqpar bench [args]           the benchmark (seqpar.bench; ``seqpar bench --help``)
+    seqpar bench [args]           the benchmark (seqpar_tools.bench; ``seqpar bench --help``)
     seqpar info [--json]          versions, backends, kernels on this machine
 
 ``run`` and ``verify`` spawn their ranks (gloo over 127.0.0.1) unless started by torchrun or
@@ -18,10 +18,10 @@ import json
 import sys
 from typing import Any
 
-from seqpar.config import DTYPES, ConfigError, load_config, parse_override
+from seqpar_tools.config import DTYPES, ConfigError, load_config, parse_override
 from seqpar.layout import LAYOUTS
 from seqpar.plan import STRATEGIES
-from seqpar.report import make_console
+from seqpar_tools.report import make_console
 
 # run flags -> config keys (flag dest, key)
 _RUN_FLAGS = {
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", dest="json_out", metavar="PATH", help="also write the results as JSON")
     _common(v)
 
-    sub.add_parser("bench", help="the benchmark (seqpar.bench); arguments pass through", add_help=False)
+    sub.add_parser("bench", help="the benchmark (seqpar_tools.bench); arguments pass through", add_help=False)
     i = sub.add_parser("info", help="versions, backends and kernels on this machine")
     i.add_argument("--json", action="store_true", help="print JSON")
     return p
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":  # everything after it belongs to the benchmark's own parser
         import importlib
 
-        return importlib.import_module("seqpar.bench").main(argv[1:])
+        return importlib.import_module("seqpar_tools.bench").main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -130,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rank_error():
-    from seqpar.distributed import RankError
+    from seqpar_tools.runner import RankError
 
     return RankError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from seqpar.job import run_job
+    from seqpar_tools.run import run_job
 
     overrides: dict[str, Any] = {}
     for dest, key in _RUN_FLAGS.items():
@@ -153,9 +153,9 @@ def _run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from seqpar.config import RunSection
+    from seqpar_tools.config import RunSection
     from seqpar.distributed import launcher, launcher_world_size
-    from seqpar.job import TOLERANCE, execute, verify_cases, verify_rank
+    from seqpar_tools.run import TOLERANCE, execute, verify_cases, verify_rank
 
     if args.heads % args.kv_heads:
         raise ConfigError(f"command line: --heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")

@@ -1,15 +1,15 @@
 """Benchmark: each strategy at world size W over gloo on CPU, against single-process SDPA on the same
 cores and against ring-attention-pytorch (a PyPI peer) where it is installed.
 
-    python -m seqpar.bench                                  # S = 4096 8192, causal and not, W = 2
-    python -m seqpar.bench --seq-lens 16384 --repeats 3 --out bench-out
+    python -m seqpar_tools.bench                                  # S = 4096 8192, causal and not, W = 2
+    python -m seqpar_tools.bench --seq-lens 16384 --repeats 3 --out bench-out
     seqpar bench --seq-lens 2048 --no-peer                  # same, through the CLI
 
 Every rank runs 1 thread; the single-process baseline runs W threads (the same cores). Causal runs use
 the zigzag layout (balanced work), non-causal the contiguous one. Reported per configuration: the
 median wall time of fwd and fwd+bwd (the slowest rank's time per repeat), the ratio to the baseline
 measured in the same run, bytes sent per rank against the strategy's analytic volume, and the peak
-resident memory per rank above its level before the measurement (:mod:`seqpar.memory`). Results go to
+resident memory per rank above its level before the measurement (:mod:`seqpar_tools.memory`). Results go to
 ``<out>/bench.json`` and ``bench.png``.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from seqpar.memory import PeakMemory
+from seqpar_tools.memory import PeakMemory
 from seqpar.plan import STRATEGIES
 
 # --- measurements -------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def _baseline(args) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from seqpar.distributed import spawn
+    from seqpar_tools.runner import spawn
 
     def show(rank: int, kind: str, payload) -> None:
         if kind == "log":
@@ -242,7 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from seqpar.report import write_report
+    from seqpar_tools.report import write_report
 
     args = parse_args(argv)
     result = run(args)

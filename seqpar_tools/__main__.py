@@ -1,6 +1,6 @@
 """``python -m seqpar ...`` = the ``seqpar`` command (used by torchrun: ``torchrun ... -m seqpar run``)."""
 
-from seqpar.cli import main
+from seqpar_tools.cli import main
 
 if __name__ == "__main__":  # spawned ranks re-import this module as __mp_main__: do nothing there
     raise SystemExit(main())
