@@ -8,6 +8,15 @@ Per rank, forward, with ``e`` bytes per element, ``S_r = S / W`` local tokens::
     allgather   (W-1) * 2*B*H_kv*Sk_r*D*e       gather K and V           memory: + 2*B*H_kv*Sk*D*e
     ring        (W-1) * 2*B*H_kv*Sk_r*D*e       pass K and V around      memory: + 4*B*H_kv*Sk_r*D*e
 
+Backward adds, per rank (``kv32`` = the K/V shard's gradients in float32, ``2*B*H_kv*Sk_r*D*4``)::
+
+    allreduce   3(W-1) * B*H*Sq_r*D*e + (W-1) * B*H*Sq_r*4     gather q, out, dout and the LSE
+              + (W-1)/W * B*H*Sq*D*4                        reduce-scatter dq (float32)
+    allgather   (W-1) * kv32                                reduce-scatter dK, dV (float32)
+    ring        (W-1) * 2*B*H_kv*Sk_r*D*e + W * kv32        K/V around again; dK/dV travel home
+
+:func:`bytes_sent` is this table (``seqpar bench`` and ``seqpar run`` compare it with the counted bytes).
+
 The rule: the fewest bytes wins (decode-shaped inputs, few queries over many keys, pick
 ``allreduce``). Between the two K/V strategies, which move the same bytes, ``ring`` overlaps each
 transfer with a block's compute and holds two shards instead of the whole K/V; measured on CPU at
@@ -23,6 +32,32 @@ from dataclasses import dataclass, field
 import torch
 
 STRATEGIES = ("allreduce", "ring", "allgather")
+
+
+def bytes_sent(
+    strategy: str, *, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, world_size: int,
+    element_size: int, q_len: int | None = None,
+) -> dict[str, int]:
+    """Bytes each rank sends for one forward call (``"fwd"``) and one forward + backward (``"fwd_bwd"``), as
+    each algorithm is written (the module docstring's tables); ``element_size`` is the inputs' bytes per
+    element."""
+    w, e, b, h, d = world_size, element_size, batch, heads, head_dim
+    sq = seq_len if q_len is None else q_len
+    sq_r, sk_r = -(-sq // w), -(-seq_len // w)
+    f = (w - 1) / w
+    q_bytes = b * h * sq_r * d * e
+    kv_local = 2 * b * kv_heads * sk_r * d * e
+    kv32 = 2 * b * kv_heads * sk_r * d * 4
+    if strategy == "allreduce":
+        fwd = (w - 1) * q_bytes + f * b * h * sq * (d + 1) * 4 + 2 * f * b * h * sq * 4
+        bwd = 3 * (w - 1) * q_bytes + (w - 1) * b * h * sq_r * 4 + f * b * h * sq * d * 4
+    elif strategy == "allgather":
+        fwd, bwd = (w - 1) * kv_local, (w - 1) * kv32
+    elif strategy == "ring":
+        fwd, bwd = (w - 1) * kv_local, (w - 1) * kv_local + w * kv32
+    else:
+        raise ValueError(f"strategy={strategy!r}; allowed: {', '.join(map(repr, STRATEGIES))}")
+    return {"fwd": int(fwd), "fwd_bwd": int(fwd + bwd)}
 
 
 @dataclass
@@ -68,14 +103,9 @@ def plan(
     w, e = world_size, torch.empty((), dtype=dtype).element_size()
     sq = seq_len if q_len is None else q_len
     sq_r, sk_r = -(-sq // w), -(-seq_len // w)
-    q_bytes = batch * heads * sq_r * head_dim * e
     kv_local = 2 * batch * kv_heads * sk_r * head_dim * e
-    cost = {
-        "allreduce": int((w - 1) * q_bytes + (w - 1) / w * batch * heads * sq * (head_dim + 1) * 4
-                         + 2 * (w - 1) / w * batch * heads * sq * 4),
-        "allgather": (w - 1) * kv_local,
-        "ring": (w - 1) * kv_local,
-    }
+    cost = {s: bytes_sent(s, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim,
+                          world_size=w, element_size=e, q_len=q_len)["fwd"] for s in STRATEGIES}
     memory = {
         "allreduce": w * batch * heads * sq_r * (head_dim * e + (head_dim + 2) * 4),
         "allgather": w * kv_local,

@@ -1,27 +1,29 @@
-"""The ``seqpar`` command.
+"""The ``seqpar`` command (``python -m seqpar_tools`` is the same).
 
     seqpar run [CONFIG] [flags]   the main job: every strategy checked, timed, measured; report in --out
     seqpar verify [flags]         exactness only, for your shapes / dtypes / world size; exit 1 on mismatch
-    seqpar bench [args]           the benchmark (seqpar_tools.bench; ``seqpar bench --help``)
+    seqpar bench [args]           the benchmark (``seqpar bench --help``)
     seqpar info [--json]          versions, backends, kernels on this machine
+    seqpar --version
 
 ``run`` and ``verify`` spawn their ranks (gloo over 127.0.0.1) unless started by torchrun or
 mpiexec, in which case they join that job (``launch/torchrun.sh``, ``launch/mpirun.sh``). Only rank
 0 logs unless ``--log-all-ranks``; a failing rank's traceback is printed with the rank named, and the
-exit code is non-zero. Exit codes: 0 ok, 1 a check failed or a rank failed, 2 bad arguments/config.
+exit code is non-zero. Every argument is checked before any rank starts. Exit codes: 0 ok, 1 a check
+failed or a rank failed, 2 bad arguments/config (``seqpar: error: ...`` naming the key or flag and value).
+
+torch is imported only once a command runs: ``seqpar --help`` and ``--version`` stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from seqpar_tools.config import DTYPES, ConfigError, load_config, parse_override
-from seqpar.layout import LAYOUTS
-from seqpar.plan import STRATEGIES
-from seqpar_tools.report import make_console
+from seqpar_tools.config import ConfigError, load_config, parse_override
+from seqpar_tools.names import DTYPES, LAYOUTS, STRATEGIES, version
+from seqpar_tools.runner import RankError
 
 # run flags -> config keys (flag dest, key)
 _RUN_FLAGS = {
@@ -43,19 +45,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqpar", description="Exact sequence-parallel attention: jobs and checks.")
+    p.add_argument("--version", action="version", version=f"seqpar {version()}")
     sub = p.add_subparsers(dest="command", metavar="{run,verify,bench,info}", required=True)
 
     r = sub.add_parser("run", help="the main job (default config: 2 CPU ranks, S=16384, every strategy)",
                        description="Check, time and measure every strategy; write report.json and report.png.")
     r.add_argument("config", nargs="?", help="a TOML config (default: the built-in one = configs/default.toml)")
     g = r.add_argument_group("overrides (each flag sets one config key)")
-    g.add_argument("--world-size", type=int, help="run.world_size (0: the launcher's)")
+    g.add_argument("--world-size", type=int,
+                   help="run.world_size (default: the launcher's under torchrun/mpirun, else 2 CPU ranks or every GPU)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--backend", choices=["auto", "gloo", "nccl"])
     g.add_argument("--group", choices=["torch", "mpi"])
     g.add_argument("--threads", type=int, help="run.threads_per_rank")
     g.add_argument("--timeout", type=float, help="run.timeout_s")
-    g.add_argument("--out", help="run.out: output directory (default seqpar-out)")
+    g.add_argument("--out", help="run.out: output directory (default seqpar-out/<config name>)")
     g.add_argument("--seed", type=int)
     g.add_argument("--batch", type=int)
     g.add_argument("--heads", type=int)
@@ -102,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", dest="json_out", metavar="PATH", help="also write the results as JSON")
     _common(v)
 
-    sub.add_parser("bench", help="the benchmark (seqpar_tools.bench); arguments pass through", add_help=False)
+    sub.add_parser("bench", help="the benchmark: each strategy against single-process SDPA (seqpar bench --help)",
+                   add_help=False)
     i = sub.add_parser("info", help="versions, backends and kernels on this machine")
     i.add_argument("--json", action="store_true", help="print JSON")
     return p
@@ -122,17 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
         return _info(args)
     except ConfigError as e:
-        print(f"seqpar: error: {e}", file=sys.stderr)
+        print("\n".join(f"seqpar: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return 2
-    except _rank_error() as e:
+    except RankError as e:
         print(f"seqpar {args.command}: {e}", file=sys.stderr)
         return 1
-
-
-def _rank_error():
-    from seqpar_tools.runner import RankError
-
-    return RankError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -151,128 +150,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from seqpar_tools.verify import verify_command
 
-    from seqpar_tools.config import RunSection
-    from seqpar.distributed import launcher, launcher_world_size
-    from seqpar_tools.run import TOLERANCE, execute, verify_cases, verify_rank
-
-    if args.heads % args.kv_heads:
-        raise ConfigError(f"command line: --heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
-    launched = launcher_world_size()
-    if launched is not None and args.world_size not in (None, 0, launched):
-        raise ConfigError(f"command line: --world-size {args.world_size}, but {launcher()} started {launched} ranks")
-    w = launched or args.world_size or 2
-    if min(args.seq_lens) < 2 * w:
-        raise ConfigError(f"command line: --seq-lens {min(args.seq_lens)} must be >= 2 * world size = {2 * w}")
-    tolerance = {d: args.rtol for d in DTYPES} if args.rtol else dict(TOLERANCE)
-    cases = verify_cases(
-        seq_lens=args.seq_lens, dtypes=args.dtypes, layouts=args.layouts,
-        causal={"yes": [True], "no": [False], "both": [False, True]}[args.causal], strategies=args.strategies,
-        batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-        window_size=args.window, documents=args.documents, seed=args.seed,
-    )
-    run_cfg = RunSection(world_size=w, device=args.device, group=args.group, timeout_s=args.timeout)
-    console = make_console()
-    rows, how = execute(verify_rank, (cases, tolerance), run_cfg=run_cfg, world_size=w,
-                        log_all_ranks=args.log_all_ranks, show_progress=args.progress, console=console)
-    if rows is None:  # not rank 0
-        return 0
-    table = Table(title=f"seqpar verify: {how['world_size']} ranks ({how['launcher']}), max |a-b| / max |ref| "
-                        "over out, dq, dk, dv vs float64 reference")
-    for col in ("strategy", "layout", "causal", "dtype", "S", "err", "tol", "ok"):
-        table.add_column(col, justify="left" if col in ("strategy", "layout", "dtype") else "right")
-    for r in rows:
-        table.add_row(r["strategy"], r["layout"], "yes" if r["is_causal"] else "no", r["dtype"], str(r["seq_len"]),
-                      f"{r['err']:.1e}", f"{r['tol']:.0e}", "[green]yes[/]" if r["ok"] else "[bold red]NO[/]")
-    console.print(table)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"world_size": how["world_size"], "launcher": how["launcher"], "rows": rows}, f, indent=1)
-    bad = sum(not r["ok"] for r in rows)
-    if bad:
-        console.print(f"[bold red]{bad} of {len(rows)} cases do not match[/]")
-        return 1
-    console.print(f"[green]all {len(rows)} cases match[/] ({how['world_size']} ranks, {how['launcher']})")
-    return 0
-
-
-def info() -> dict[str, Any]:
-    """What ``seqpar info`` reports, as a dict."""
-    import importlib.metadata as md
-    import os
-    import platform
-    import shutil
-
-    import torch
-    import torch.distributed as dist
-
-    import seqpar
-    from seqpar.distributed import launcher
-    from seqpar.ops.kernels import kernel_name
-
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    mpi_library = None
-    if version("mpi4py"):
-        try:
-            import mpi4py
-
-            if "mpi4py.MPI" not in sys.modules:  # the library version needs no MPI_Init
-                mpi4py.rc.initialize = False
-                mpi4py.rc.finalize = False
-            from mpi4py import MPI
-
-            mpi_library = MPI.Get_library_version().strip().splitlines()[0]
-        except Exception as e:  # noqa: BLE001 - a broken MPI install is worth showing, not failing on
-            mpi_library = f"unusable: {type(e).__name__}: {e}"
-    cuda = torch.cuda.is_available()
-    kernels = {"cpu": kernel_name(torch.empty(1, 1, 1, 1))}
-    if cuda:
-        kernels["cuda"] = kernel_name(torch.empty(1, 1, 1, 1, device="cuda"))
-    return {
-        "versions": {"seqpar": seqpar.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                     "mpi4py": version("mpi4py"), "mpi library": mpi_library,
-                     "cuda (torch built with)": torch.version.cuda},
-        "backends": {
-            "gloo": dist.is_available() and dist.is_gloo_available(),
-            "nccl": dist.is_available() and dist.is_nccl_available() and cuda,
-            "mpi (torch's own backend)": dist.is_available() and dist.is_mpi_available(),
-            "mpi (mpi4py communicator / gloo bootstrap)": bool(mpi_library) and not mpi_library.startswith("unusable"),
-            "mpiexec": shutil.which("mpiexec"),
-        },
-        "kernels": kernels,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
-                    "cuda devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                    if cuda else [], "launcher": launcher() or "none (seqpar run/verify spawn their ranks)"},
-    }
+    return verify_command(args)
 
 
 def _info(args: argparse.Namespace) -> int:
-    data = info()
-    if args.json:
-        print(json.dumps(data, indent=1))
-        return 0
-    from rich.table import Table
+    from seqpar_tools.info import print_info
 
-    table = Table(title="seqpar info", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    table.add_column("")
-    for section, values in data.items():
-        for i, (k, v) in enumerate(values.items()):
-            if isinstance(v, (bool, type(None))):
-                shown = {True: "[green]yes[/]", False: "no", None: "-"}[v]
-            else:
-                shown = ", ".join(v) or "-" if isinstance(v, list) else str(v)
-            table.add_row(section if i == 0 else "", k, shown)
-        table.add_section()
-    make_console().print(table)
-    return 0
+    return print_info(args.json)
 
 
 if __name__ == "__main__":

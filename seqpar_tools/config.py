@@ -1,13 +1,17 @@
-"""Job configuration: a TOML file mapped onto typed dataclasses, validated key by key.
+"""Job configuration: a TOML file mapped onto typed dataclasses, validated key by key (every bad key reported).
 
     seqpar run                                  # the built-in default (the values of configs/default.toml)
     seqpar run configs/gpu.toml --seq-len 65536 --set measure.repeats=5
 
 Sections and keys are the fields below; ``configs/default.toml`` spells out every one of them with
 the same values as the dataclass defaults (a test keeps the two equal). Every problem is a
-:class:`ConfigError` naming the key and where its value came from (the file, or the command line)::
+:class:`ConfigError` naming the key and where its value came from (the file, or the command line); all the
+problems of one file are reported at once, one per line::
 
     configs/x.toml: attention.heads = 6: must be a multiple of attention.kv_heads = 4
+    configs/x.toml: measure.repeats = 0: must be >= 1
+
+``Config.origin(key)`` says where a value came from: the file, ``command line`` or the built-in default.
 
 TOML is read with ``tomllib`` (Python 3.11+) or ``tomli`` (3.10).
 """
@@ -15,16 +19,15 @@ TOML is read with ``tomllib`` (Python 3.11+) or ``tomli`` (3.10).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seqpar.layout import LAYOUTS
-from seqpar.plan import STRATEGIES
+from seqpar_tools.names import DTYPES, LAYOUTS, STRATEGIES
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 GROUPS = ("torch", "mpi")
@@ -37,13 +40,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunSection:
-    world_size: int = 2  # ranks; 0 = whatever the launcher started (spawning locally: the GPUs, or 2 on CPU)
+    world_size: int = 0  # ranks; 0 = the launcher's (torchrun/mpirun), spawning locally: every GPU, or 2 on CPU
     backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     group: str = "torch"  # torch: a torch.distributed group; mpi: mpi4py's COMM_WORLD (CPU, under mpirun)
     threads_per_rank: int = 1  # torch.set_num_threads on each rank; 0 = leave it alone
     timeout_s: float = 300.0  # a rank silent (or a collective stuck) this long fails the job
-    out: str = "seqpar-out"  # report.json and report.png go here
+    out: str | None = None  # report.json and report.png go here; absent: seqpar-out/<config file stem>
     seed: int = 0
 
 
@@ -84,6 +87,21 @@ class Config:
     check: CheckSection = field(default_factory=CheckSection)
     source: str = DEFAULT_SOURCE  # where the values came from (for messages)
     overrides: dict[str, Any] = field(default_factory=dict)  # command-line values applied on top
+    origins: dict[str, str] = field(default_factory=dict)  # "section.key" -> the file or "command line"
+
+    def origin(self, key: str) -> str:
+        """Where ``key``'s value came from: the config file, ``command line``, or the built-in default."""
+        return self.origins.get(key, self.source if self.source != DEFAULT_SOURCE else "built-in default")
+
+    @property
+    def stem(self) -> str:
+        """The config's name: the file's stem, or ``default`` for the built-in config."""
+        return "default" if self.source == DEFAULT_SOURCE else Path(self.source).stem
+
+    @property
+    def out_dir(self) -> Path:
+        """``run.out``, or ``seqpar-out/<stem>`` when absent (each config its own directory)."""
+        return Path(self.run.out) if self.run.out else Path("seqpar-out") / self.stem
 
     def describe(self) -> str:
         """``source``, plus the overridden keys (for titles and logs)."""
@@ -133,22 +151,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def from_dict(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
-    """Build and validate a :class:`Config` from parsed TOML plus command-line overrides."""
+    """Build and validate a :class:`Config` from parsed TOML plus command-line overrides; every problem found
+    is reported in one :class:`ConfigError` (one line each)."""
     origin: dict[str, str] = {}
     merged: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
     for sec, values in data.items():
         if sec not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{sec}]; allowed: {', '.join(SECTIONS)}")
+            problems.append(f"{source}: unknown section [{sec}]; allowed: {', '.join(SECTIONS)}")
+            continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: {sec} must be a table [{sec}], got {values!r}")
+            problems.append(f"{source}: {sec} must be a table [{sec}], got {values!r}")
+            continue
         for key, val in values.items():
             merged.setdefault(sec, {})[key] = val
             origin[f"{sec}.{key}"] = source
     for dotted, val in (overrides or {}).items():
         sec, _, key = dotted.partition(".")
-        where = f"command line ({dotted}={val!r})"
         if sec not in SECTIONS or not key:
-            raise ConfigError(f"{where}: unknown key {dotted!r}; sections: {', '.join(SECTIONS)}")
+            problems.append(f"command line ({dotted}={val!r}): unknown key {dotted!r}; sections: {', '.join(SECTIONS)}")
+            continue
         merged.setdefault(sec, {})[key] = val
         origin[dotted] = "command line"
 
@@ -163,11 +185,18 @@ def from_dict(data: dict[str, Any], source: str, overrides: dict[str, Any] | Non
         for key, val in merged.get(sec, {}).items():
             dotted = f"{sec}.{key}"
             if key not in names:
-                raise ConfigError(f"{where(dotted)}: unknown key {dotted!r}; allowed in [{sec}]: {', '.join(names)}")
-            kwargs[key] = _typed(val, hints[key], dotted, where(dotted))
+                problems.append(f"{where(dotted)}: unknown key {dotted!r}; allowed in [{sec}]: {', '.join(names)}")
+                continue
+            try:
+                kwargs[key] = _typed(val, hints[key], dotted, where(dotted))
+            except ConfigError as e:
+                problems.append(str(e))
         sections[sec] = cls(**kwargs)
-    cfg = Config(**sections, source=source, overrides=dict(overrides or {}))
-    _validate(cfg, where)
+    cfg = Config(**sections, source=source, overrides=dict(overrides or {}), origins=origin)
+    if not problems:  # the cross-key checks need well-typed values
+        problems += _validate(cfg, where)
+    if problems:
+        raise ConfigError("\n".join(problems))
     return cfg
 
 
@@ -193,11 +222,14 @@ def _typed(val: Any, hint: Any, key: str, where: str) -> Any:
     return float(val) if hint is float else val
 
 
-def _validate(cfg: Config, where) -> None:
+def _validate(cfg: Config, where) -> list[str]:
+    """Every problem of a well-typed config, one line each (empty: fine)."""
+    problems: list[str] = []
+
     def fail(key: str, msg: str) -> None:
         sec, _, name = key.partition(".")
         val = getattr(getattr(cfg, sec), name)
-        raise ConfigError(f"{where(key)}: {key} = {val!r}: {msg}")
+        problems.append(f"{where(key)}: {key} = {val!r}: {msg}")
 
     def one_of(key: str, allowed: tuple[str, ...]) -> None:
         sec, _, name = key.partition(".")
@@ -218,21 +250,21 @@ def _validate(cfg: Config, where) -> None:
     ):
         if val < low:
             fail(key, f"must be >= {low}")
-    if r.timeout_s <= 0:
-        fail("run.timeout_s", "must be > 0")
-    if a.heads % a.kv_heads:
+    if not (math.isfinite(r.timeout_s) and r.timeout_s > 0):
+        fail("run.timeout_s", "must be a finite number of seconds > 0")
+    if a.kv_heads >= 1 and a.heads % a.kv_heads:
         fail("attention.heads", f"must be a multiple of attention.kv_heads = {a.kv_heads}")
     if a.window_size is not None and a.window_size < 0:
         fail("attention.window_size", "must be >= 0 (leave it out for no window)")
     if not a.strategies:
         fail("attention.strategies", f"must name at least one of {', '.join(map(repr, STRATEGIES))}")
-    for s in a.strategies:
-        if s not in STRATEGIES:
-            fail("attention.strategies", f"unknown strategy {s!r}; allowed: {', '.join(map(repr, STRATEGIES))}")
+    for name in a.strategies:
+        if name not in STRATEGIES:
+            fail("attention.strategies", f"unknown strategy {name!r}; allowed: {', '.join(map(repr, STRATEGIES))}")
     if len(set(a.strategies)) != len(a.strategies):
         fail("attention.strategies", "names a strategy twice")
-    if c.rtol is not None and c.rtol <= 0:
-        fail("check.rtol", "must be > 0 (leave it out for the per-dtype default)")
+    if c.rtol is not None and not (math.isfinite(c.rtol) and c.rtol > 0):
+        fail("check.rtol", "must be a finite number > 0 (leave it out for the per-dtype default)")
     if r.backend == "nccl" and r.device == "cpu":
         fail("run.backend", "nccl needs run.device = 'cuda' (or 'auto' on a GPU machine)")
     if r.group == "mpi" and (r.device == "cuda" or r.backend == "nccl"):
@@ -241,15 +273,36 @@ def _validate(cfg: Config, where) -> None:
         fail("attention.seq_len", f"must be >= run.world_size = {r.world_size} (every rank needs tokens)")
     if r.world_size and c.seq_len < 2 * r.world_size:
         fail("check.seq_len", f"must be >= 2 * run.world_size = {2 * r.world_size}")
+    if r.out is not None and not r.out.strip():
+        fail("run.out", "must name a directory (leave it out for seqpar-out/<config name>)")
+    return problems
 
 
-def check_world_size(cfg: Config, actual: int, launcher: str) -> None:
-    """Raise if ``run.world_size`` (unless 0) differs from the ranks the launcher started."""
-    if cfg.run.world_size not in (0, actual):
-        raise ConfigError(
-            f"{cfg.source}: run.world_size = {cfg.run.world_size}, but {launcher} started {actual} ranks "
-            f"(set run.world_size = {actual}, or 0 to take the launcher's, or pass --world-size {actual})"
-        )
+def resolve_world_size(cfg: Config, launched: int | None, launcher: str | None, spawn_default: int) -> int:
+    """The job's world size: under a launcher the launcher's, unless the user set ``run.world_size`` (flag or
+    file) to something else, which is a :class:`ConfigError` naming where that value came from; spawning
+    locally ``run.world_size``, or ``spawn_default`` for 0."""
+    w = cfg.run.world_size
+    if launched is not None:
+        if w not in (0, launched):
+            where = cfg.origin("run.world_size")
+            how = "--world-size" if where == "command line" else "run.world_size"
+            raise ConfigError(
+                f"{where}: run.world_size = {w}, but {launcher or 'the launcher'} started {launched} ranks "
+                f"(drop {how} to take the launcher's, or start {w} ranks)"
+            )
+        w = launched
+    elif w == 0:
+        w = spawn_default
+    where = cfg.origin("run.world_size") if cfg.run.world_size else "the ranks started"
+    a, c = cfg.attention, cfg.check
+    if a.seq_len < w:
+        raise ConfigError(f"{cfg.origin('attention.seq_len')}: attention.seq_len = {a.seq_len}: must be >= the "
+                          f"world size {w} ({where}): every rank needs tokens")
+    if c.seq_len < 2 * w:
+        raise ConfigError(f"{cfg.origin('check.seq_len')}: check.seq_len = {c.seq_len}: must be >= 2 * the world "
+                          f"size {w} ({where})")
+    return w
 
 
 def parse_override(item: str) -> tuple[str, Any]:

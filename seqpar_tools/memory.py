@@ -78,3 +78,77 @@ class PeakMemory:
             return hwm
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(r if sys.platform == "darwin" else r * 1024)
+
+
+# --- before the job: will it fit? ---------------------------------------------------------------------
+
+_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def available_bytes(device_type: str, world_size_here: int) -> tuple[int | None, str]:
+    """Memory one rank may use, and where the figure comes from: CPU ``MemAvailable`` (Linux) shared by the
+    ``world_size_here`` ranks of this node; CUDA the smallest free memory of the first ``world_size_here``
+    devices. ``(None, why)`` when unknown."""
+    if device_type == "cuda":
+        import torch
+
+        n = min(world_size_here, torch.cuda.device_count())
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(max(n, 1)))
+        return free, "free CUDA memory per device (torch.cuda.mem_get_info)"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    total = int(line.split()[1]) * 1024
+                    return total // max(world_size_here, 1), f"MemAvailable / {world_size_here} ranks on this node"
+    except OSError:
+        pass
+    return None, "unknown (no /proc/meminfo)"
+
+
+def estimate_run(cfg, world_size: int) -> dict[str, int]:
+    """Bytes the busiest rank (rank 0) of ``seqpar run`` needs, by part (an upper estimate from the shapes).
+
+    - ``shards``: this rank's q, k, v, dout, the output and dq, dk, dv, plus float32 working copies;
+    - ``strategy``: the largest extra memory of the strategies (``seqpar.plan``), twice for the backward;
+    - ``float64 check``: the naive float64 reference at ``check.seq_len`` (score matrix and its gradients);
+    - ``long check``: rank 0 holds the whole sequence in float32 (inputs, GQA-expanded K/V, output,
+      gradients, the gathered result) and SDPA's explicit S x S mask when there is a window.
+    """
+    a, c = cfg.attention, cfg.check
+    e = _BYTES[a.dtype]
+    wide = 8 if a.dtype == "float64" else 4
+    b, h, hkv, d, s = a.batch, a.heads, a.kv_heads, a.head_dim, a.seq_len
+    s_r = -(-s // world_size)
+    per_token = b * d * (2 * h + 2 * hkv)  # q, dout (H heads), k, v (H_kv heads)
+    parts = {"shards": 2 * per_token * s_r * e + per_token * s_r * 4}
+    kv_local = 2 * b * hkv * s_r * d * e
+    q_all = world_size * b * h * s_r * (d * e + (d + 2) * 4)
+    parts["strategy"] = 2 * max(q_all if "allreduce" in a.strategies else 0, world_size * kv_local)
+    sc = c.seq_len
+    parts["float64 check"] = 6 * b * h * sc * sc * 8 + 4 * per_token * sc * 8
+    if c.long:
+        full = b * s * d * (2 * h + 2 * hkv + 2 * h + 4 * h) * wide  # inputs, expanded K/V, out + 3 grads
+        gathered = 4 * b * s * d * h * e
+        mask = s * s if a.window_size is not None else 0
+        parts["long check"] = full + gathered + mask
+    return parts
+
+
+def estimate_verify(*, seq_len: int, batch: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, int]:
+    """Bytes one rank of ``seqpar verify`` needs at ``seq_len``: every rank builds the full inputs and the
+    naive float64 reference (the score matrix, weights and their gradients)."""
+    per_token = batch * head_dim * (2 * heads + 2 * kv_heads)
+    return {"float64 reference": 6 * batch * heads * seq_len * seq_len * 8 + 4 * per_token * seq_len * 8}
+
+
+def check_fits(parts: dict[str, int], device_type: str, world_size_here: int, what: str) -> str | None:
+    """None when ``parts`` fit in the memory available to one rank, else the sentence that says why not."""
+    need = sum(parts.values())
+    have, source = available_bytes(device_type, world_size_here)
+    if have is None or need <= have:
+        return None
+    gib = 2**30
+    detail = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
+    return (f"{what} needs about {need / gib:.2f} GiB per rank ({detail} GiB) but {have / gib:.2f} GiB is "
+            f"available ({source}); use a shorter sequence, fewer heads or more ranks")

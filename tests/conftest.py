@@ -7,7 +7,8 @@ _POOLS: dict[int, Pool] = {}
 
 @pytest.fixture(scope="session")
 def dist():
-    """``dist(W, fn, *args)`` runs ``fn(rank, W, *args)`` on W gloo ranks; returns per-rank results."""
+    """``dist(W, fn, *args, timeout=...)`` runs ``fn(rank, W, *args)`` on W gloo ranks (one shared
+    :class:`seqpar_tools.runner.Pool` per W); returns per-rank results."""
 
     def run(world_size: int, fn, *args, **kwargs):
         pool = _POOLS.get(world_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from seqpar_tools.config import Config, ConfigError, check_world_size, load_config, parse_override
+from seqpar_tools.config import Config, ConfigError, load_config, parse_override, resolve_world_size
 
 ROOT = Path(__file__).resolve().parents[1]
 # the job configs (configs/train*.toml belong to the training example and have their own schema)
@@ -82,14 +82,64 @@ def test_missing_file_is_named(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
-def test_world_size_must_match_the_launcher(tmp_path):
-    cfg = load_config(_write(tmp_path, "[run]\nworld_size = 4\n"))
+def test_world_size_under_a_launcher_names_where_the_value_came_from(tmp_path):
+    path = _write(tmp_path, "[run]\nworld_size = 4\n")
     with pytest.raises(ConfigError) as e:
-        check_world_size(cfg, 2, "torchrun")
-    assert str(e.value).startswith(str(tmp_path / "bad.toml")) and "run.world_size = 4" in str(e.value)
+        resolve_world_size(load_config(path), 2, "torchrun", 2)
+    assert str(e.value).startswith(str(path)) and "run.world_size = 4" in str(e.value)
     assert "torchrun started 2 ranks" in str(e.value)
-    check_world_size(cfg, 4, "torchrun")  # equal: fine
-    check_world_size(load_config(_write(tmp_path, "[run]\nworld_size = 0\n")), 7, "mpiexec")  # 0: any
+    with pytest.raises(ConfigError, match=r"^command line: run.world_size = 3.*started 2 ranks.*--world-size"):
+        resolve_world_size(load_config(None, {"run.world_size": 3}), 2, "torchrun", 2)
+    assert resolve_world_size(load_config(path), 4, "torchrun", 2) == 4  # equal: fine
+
+
+@pytest.mark.parametrize("launched", [1, 3, 4, 7])
+def test_the_launchers_world_size_wins_over_the_builtin_default(launched):
+    """launch/torchrun.sh with NPROC != 2 used to fail: the built-in config fixed world_size = 2."""
+    assert resolve_world_size(load_config(None), launched, "torchrun", 2) == launched
+    assert resolve_world_size(load_config(ROOT / "configs" / "default.toml"), launched, "mpi", 2) == launched
+
+
+def test_spawned_world_size_default_and_its_checks():
+    assert resolve_world_size(load_config(None), None, None, 2) == 2
+    assert resolve_world_size(load_config(None, {"run.world_size": 3}), None, None, 2) == 3
+    with pytest.raises(ConfigError, match=r"^command line: check.seq_len = 7: must be >= 2 \* the world size 4"):
+        resolve_world_size(load_config(None, {"check.seq_len": 7}), None, None, 4)
+
+
+def test_every_bad_key_of_a_file_is_reported_at_once(tmp_path):
+    path = _write(tmp_path, '[run]\ntimeout_s = -1.0\nbogus = 1\n[attention]\nheads = "8"\nlayout = "striped"\n'
+                            "[measure]\nrepeats = 0\n[nope]\nx = 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    lines = str(e.value).splitlines()
+    for part in ("[nope]", "run.bogus", "attention.heads"):  # structural and type problems first
+        assert any(part in ln and ln.startswith(str(path)) for ln in lines), (part, lines)
+    path = _write(tmp_path, '[run]\ntimeout_s = -1.0\n[attention]\nlayout = "striped"\n[measure]\nrepeats = 0\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3, lines
+    for key in ("run.timeout_s = -1.0", "attention.layout = 'striped'", "measure.repeats = 0"):
+        assert any(key in ln for ln in lines), (key, lines)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("run.timeout_s", float("nan"), "finite"), ("run.timeout_s", float("inf"), "finite"),
+    ("run.timeout_s", 0.0, "> 0"), ("check.rtol", float("nan"), "finite"), ("check.rtol", -1.0, "> 0"),
+    ("attention.kv_heads", 0, ">= 1"), ("attention.head_dim", 0, ">= 1"), ("run.world_size", -1, ">= 0"),
+    ("run.out", " ", "directory"),
+])
+def test_non_finite_and_out_of_range_values(key, value, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {key: value})
+    assert str(e.value).startswith(f"command line: {key} = ") and words in str(e.value), str(e.value)
+
+
+def test_default_output_directory_is_per_config(tmp_path):
+    assert str(load_config(None).out_dir) == "seqpar-out/default"
+    assert str(load_config(ROOT / "configs" / "mpi.toml").out_dir) == "seqpar-out/mpi"
+    assert str(load_config(None, {"run.out": "x"}).out_dir) == "x"
 
 
 def test_overrides_win_and_their_errors_say_command_line(tmp_path):

@@ -11,10 +11,7 @@ Run: ``python -m pytest tests/test_errors.py -q``
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
 import os
-import queue
 import time
 
 import pytest
@@ -234,22 +231,21 @@ def test_same_local_error_on_every_rank_does_not_hang(dist):
     assert [("H=4" in m and f"rank {r}" in m) for r, m in enumerate(msgs)] == [True, True], msgs
 
 
-# --- a dead or stuck peer ---------------------------------------------------------------------
+# --- a dead or stuck peer (a private pool of the one runner, process-group timeout 5 s) ---------------
 
 PG_TIMEOUT_S = 5
 PEER_BOUND_S = 45  # the survivor must have raised by then (pg timeout + slack on a loaded box)
 
 
-def _peer_worker(rank, port, mode, results, release):
-    import torch.distributed as tdist
-
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+def _peer_case(rank, world_size, mode, release):
+    """Rank 1 exits ("dead") or stays connected without entering the collective until rank 0 is done
+    ("stuck"); rank 0 calls kv_sharded_attention and returns (outcome, seconds)."""
     if rank == 1:
-        if mode == "stuck":  # alive, connected, but never enters the collective
-            release.wait()
-        os._exit(0)  # "dead": exits without entering the collective
+        if mode == "dead":
+            os._exit(0)  # exits without entering the collective
+        while not os.path.exists(release):  # alive and idle until rank 0 has its verdict
+            time.sleep(0.05)
+        return None
     t0 = time.monotonic()
     try:
         q, k, v = _kv_inputs(0)
@@ -257,35 +253,29 @@ def _peer_worker(rank, port, mode, results, release):
         outcome = "returned normally"
     except Exception as e:  # noqa: BLE001 - any error is the right answer; the type is reported
         outcome = f"{type(e).__name__}: {str(e)[:300]}"
-    results.put((outcome, time.monotonic() - t0))
-    results.close()
-    results.join_thread()  # flush the queue before leaving
-    os._exit(0)  # no destroy_process_group: its peer is gone
+    elapsed = time.monotonic() - t0
+    open(release, "w").close()
+    return outcome, elapsed
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("mode", ["dead", "stuck"])
-def test_dead_or_stuck_peer_raises_in_bounded_time(mode):
-    """Own 2-process gloo group (timeout 5 s), not the shared pool: rank 1 exits (or idles) before
-    the collective; rank 0's call must raise, within the bound, instead of hanging."""
-    from dist_pool import free_port
+def test_dead_or_stuck_peer_raises_in_bounded_time(mode, tmp_path):
+    """Rank 1 exits (or idles) before the collective; rank 0's call must raise, within the bound, instead of
+    hanging; the runner names the dead rank."""
+    from seqpar_tools.runner import Pool, RankError
 
-    ctx = mp.get_context("spawn")
-    results, release = ctx.Queue(), ctx.Event()
-    port = free_port()
-    procs = [ctx.Process(target=_peer_worker, args=(r, port, mode, results, release), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
+    pool = Pool(2, timeout_s=PG_TIMEOUT_S, grace_s=PEER_BOUND_S)
     try:
-        outcome, elapsed = results.get(timeout=PEER_BOUND_S + 45)  # + spawn and init time
-    except queue.Empty:
-        pytest.fail(f"rank 0 neither returned nor raised within {PEER_BOUND_S + 45} s: a hang")
+        if mode == "dead":
+            with pytest.raises(RankError) as e:
+                pool.run(_peer_case, mode, str(tmp_path / "release"), timeout=PEER_BOUND_S + 45)
+            assert e.value.errors == {1: "exited with code 0 without reporting an error"}, e.value.errors
+            outcome, elapsed = e.value.results[0]
+        else:
+            (outcome, elapsed), _ = pool.run(_peer_case, mode, str(tmp_path / "release"), timeout=PEER_BOUND_S + 45)
     finally:
-        release.set()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        pool.close(force=True)
     assert outcome != "returned normally"
     assert elapsed < PEER_BOUND_S, (outcome, elapsed)
     if mode == "stuck":  # only the process group's timeout can end this wait
