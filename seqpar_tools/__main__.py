@@ -1,4 +1,4 @@
-"""``python -m seqpar ...`` = the ``seqpar`` command (used by torchrun: ``torchrun ... -m seqpar run``)."""
+"""``python -m seqpar_tools ...`` = the ``seqpar`` command (used by the launchers: ``torchrun ... -m seqpar_tools run``)."""
 
 from seqpar_tools.cli import main
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,12 @@ def _bars(ax, groups: list[str], series: dict[str, list[float]], *, marks: dict[
         heights = [0 if math.isnan(v) else v for v in vals]
         bars = ax.bar(xs, heights, width * 0.92, label=name, color=color)
         for x, v, bar in zip(xs, vals, bars):
-            text = "n/a" if math.isnan(v) else fmt.format(v)
-            ax.annotate(text, (x, bar.get_height()), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
-                        textcoords="offset points")
+            if math.isnan(v):  # not measured (a failed run, a missing baseline): say so at the bottom
+                ax.annotate("n/a", (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7,
+                            xytext=(0, 2), textcoords="offset points")
+            else:
+                ax.annotate(fmt.format(v), (x, bar.get_height()), ha="center", va="bottom", fontsize=7,
+                            xytext=(0, 2), textcoords="offset points")
         if marks and name in marks:
             pts = [(x, m) for x, m in zip(xs, marks[name]) if not math.isnan(m)]
             if pts:
@@ -224,6 +228,7 @@ def plot_run(rows: list[dict], path: Path, *, title: str, meta: dict) -> Path | 
     _legend_outside(ax_e)
 
     err = meta.get("error")
+    title = textwrap.fill(title, 150)
     if err:
         title += "\n" + err["message"].splitlines()[0]
     fig.suptitle(title, fontsize=11, color="red" if err else "black")

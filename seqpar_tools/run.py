@@ -26,6 +26,7 @@ and names the failed rank).
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -87,8 +88,8 @@ def run_rank(ctx: RankContext, cfg: Config) -> dict[str, Any]:
     result = {"rows": rows, "meta": meta}
 
     def report_progress() -> None:
-        if ctx.rank == 0:
-            ctx.emit("partial", result)
+        if ctx.rank == 0:  # a copy: the queue pickles it later, while this rank goes on filling ``result``
+            ctx.emit("partial", copy.deepcopy(result))
 
     for row in rows:  # 1. float64 against the naive formula
         case = Case(row["strategy"], a.layout, a.is_causal, "float64", c.seq_len, a.batch, a.heads, a.kv_heads,
@@ -154,6 +155,7 @@ def run_rank(ctx: RankContext, cfg: Config) -> dict[str, Any]:
             ctx.log(f"{name}: fwd+bwd {row['fwd_bwd_s']:.3f} s, "
                     f"{row['bytes_per_rank_fwd_bwd'] / 1e6:.1f} MB sent per rank")
             ctx.advance(f"{name}: fwd+bwd")
+        report_progress()
         for key in ("fwd", "fwd_bwd"):
             if f"{key}_s" in row and base.get(f"{key}_s"):
                 row[f"{key}_ratio"] = row[f"{key}_s"] / base[f"{key}_s"]
@@ -282,7 +284,7 @@ def run_job(cfg: Config, *, log_all_ranks: bool = False, show_progress: bool = T
             "host": platform.node(), "cpus": os.cpu_count()}
     title = f"seqpar run: {cfg.describe()}"
     if failure is not None:
-        meta["error"] = {"ranks": sorted(failure.errors), "message": str(failure)}
+        meta["error"] = {"ranks": list(failure.errors), "message": str(failure)}  # the cause first
         title += " (FAILED: partial)"
     paths = write_report(result["rows"], cfg.out_dir, title=title, meta=meta, console=console)
     ref = meta.get("reference")

@@ -54,6 +54,8 @@ class RankError(RuntimeError):
     rank that did finish."""
 
     def __init__(self, errors: dict[int, str], results: dict[int, Any] | None = None):
+        # a rank that died (no traceback) is the cause of its peers' errors: name it first
+        errors = dict(sorted(errors.items(), key=lambda kv: "Traceback" in kv[1]))
         self.errors = errors
         self.results = dict(results or {})
         lines = []
