@@ -245,13 +245,13 @@ def plot_bench(rows: list[dict], path: Path, *, title: str, meta: dict) -> Path 
     if plt is None:
         return None
     lens = sorted({r["seq_len"] for r in rows})
-    causal_values = sorted({r["causal"] for r in rows})
-    impls = list(dict.fromkeys(r["impl"] for r in rows if r["world_size"] > 1))
+    causal_values = sorted({bool(r.get("causal")) for r in rows})
+    impls = list(dict.fromkeys(_label(r) for r in rows if r.get("world_size") != 1))
     colors = {name: f"C{i}" for i, name in enumerate(impls)}
-    base = {(r["seq_len"], r["causal"]): r for r in rows if r["world_size"] == 1}
+    base = {(r["seq_len"], bool(r.get("causal"))): r for r in rows if r.get("world_size") == 1}
 
     def row(impl, s, c):
-        return next((r for r in rows if r["impl"] == impl and r["seq_len"] == s and r["causal"] == c), {})
+        return next((r for r in rows if _label(r) == impl and r["seq_len"] == s and bool(r.get("causal")) == c), {})
 
     def groups(c, key):  # the baseline's time under each group: what "1" means there
         return [f"S={s}\nSDPA {base.get((s, c), {}).get(key, math.nan):.2f} s" for s in lens]
@@ -284,7 +284,7 @@ def plot_bench(rows: list[dict], path: Path, *, title: str, meta: dict) -> Path 
     cm = causal_values[-1]
     mem_impls = ["sdpa (1 process)", *impls]
     _bars(ax_m, [f"S={s}" for s in lens],
-          {i: [((base.get((s, cm)) if i.startswith("sdpa") else row(i, s, cm)).get("peak_mem_added_bytes")
+          {i: [((base.get((s, cm), {}) if i.startswith("sdpa") else row(i, s, cm)).get("peak_mem_added_bytes")
                 or math.nan) / 1e6 for s in lens] for i in mem_impls},
           colors={"sdpa (1 process)": "0.5", **colors}, fmt="{:.0f}")
     ax_m.set_title(f"peak memory added per rank, fwd+bwd, {'causal' if cm else 'non-causal'}\n"

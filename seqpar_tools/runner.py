@@ -54,8 +54,12 @@ class RankError(RuntimeError):
     rank that did finish."""
 
     def __init__(self, errors: dict[int, str], results: dict[int, Any] | None = None):
-        # a rank that died (no traceback) is the cause of its peers' errors: name it first
-        errors = dict(sorted(errors.items(), key=lambda kv: "Traceback" in kv[1]))
+        # the cause first: a rank that died, then tracebacks, then ranks killed or timed out because of them
+        def order(kv):
+            text = kv[1]
+            return 0 if text.startswith(("was killed", "exited with")) else 1 if "Traceback" in text else 2
+
+        errors = dict(sorted(errors.items(), key=order))
         self.errors = errors
         self.results = dict(results or {})
         lines = []
@@ -224,7 +228,7 @@ class Pool:
         errors: dict[int, str] = {}
         last = time.monotonic()
         grace_until = None
-        name = getattr(fn, "__name__", "task")
+        name = getattr(args[0] if fn is _job_on_rank else fn, "__name__", "the task")
 
         def handle(msg) -> None:
             rank, kind, payload = msg

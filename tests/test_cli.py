@@ -204,3 +204,108 @@ def test_spawn_times_out_on_a_stuck_rank():
         spawn(job_hangs_on_rank_1, (), world_size=2, timeout_s=4)
     assert time.monotonic() - t0 < 60
     assert 1 in e.value.errors and "4 s" in e.value.errors[1]
+
+
+# --- every argument is checked before any rank starts (exit 2, "seqpar: error: ...") ----------------------
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Fails the test if a command starts ranks: the validation must come first."""
+    from seqpar_tools import runner
+
+    def refuse(*a, **k):
+        raise AssertionError("ranks were started before the arguments were checked")
+
+    monkeypatch.setattr(runner.Pool, "__init__", refuse)
+
+
+def _error(capsys, argv) -> str:
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (argv, code, err)
+    assert err.startswith("seqpar: error: ") or err.startswith("seqpar bench: error: "), err
+    return err
+
+
+def test_run_out_that_cannot_be_written_is_found_first(tmp_path, capsys, no_ranks):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = _error(capsys, ["run", "--out", str(blocker / "sub"), "--no-progress"])
+    assert "run.out" in err and str(blocker / "sub") in err and "cannot write there" in err
+    err = _error(capsys, ["verify", "--json", str(blocker / "sub" / "v.json"), "--no-progress"])
+    assert "--json" in err and "cannot write there" in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--timeout", "nan"], ["run.timeout_s = nan", "finite"]),
+    (["--timeout", "inf"], ["run.timeout_s = inf", "finite"]),
+    (["--timeout", "0"], ["run.timeout_s = 0.0", "> 0"]),
+    (["--rtol", "nan"], ["check.rtol = nan"]),
+    (["--rtol=-1e-5"], ["check.rtol = -1e-05", "> 0"]),
+    (["--heads", "0"], ["attention.heads = 0", ">= 1"]),
+    (["--kv-heads", "0"], ["attention.kv_heads = 0", ">= 1"]),
+    (["--head-dim", "0"], ["attention.head_dim = 0"]),
+    (["--world-size", "-1"], ["run.world_size = -1"]),
+    (["--seq-len", "-5"], ["attention.seq_len = -5"]),
+    (["--world-size", "3", "--check-seq-len", "5"], ["check.seq_len = 5", ">= 2 * run.world_size = 6"]),
+])
+def test_run_flag_validation(tmp_path, capsys, no_ranks, flags, words):
+    err = _error(capsys, ["run", *flags, "--out", str(tmp_path), "--no-progress"])
+    assert "command line: " in err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine with CUDA accepts these")
+@pytest.mark.parametrize("flags, key", [(["--backend", "nccl"], "run.backend = 'nccl'"),
+                                        (["--device", "cuda"], "run.device = 'cuda'")])
+def test_cuda_request_without_cuda_is_a_config_error(tmp_path, capsys, no_ranks, flags, key):
+    err = _error(capsys, ["run", *flags, "--out", str(tmp_path)])
+    assert key in err and "needs CUDA" in err and "command line" in err
+    cfg = tmp_path / "gpu-like.toml"
+    cfg.write_text('[run]\ndevice = "cuda"\nbackend = "nccl"\n')
+    err = _error(capsys, ["run", str(cfg), "--out", str(tmp_path)])
+    assert f"{cfg}: run.device = 'cuda'" in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--heads", "0"], ["--heads 0", ">= 1"]),
+    (["--batch", "0"], ["--batch 0", ">= 1"]),
+    (["--kv-heads", "0"], ["--kv-heads 0"]),
+    (["--head-dim", "0"], ["--head-dim 0"]),
+    (["--world-size", "-1"], ["--world-size -1"]),
+    (["--seq-lens", "-3"], ["--seq-lens -3"]),
+    (["--seq-lens", "3"], ["--seq-lens 3", "2 * world size = 4"]),
+    (["--timeout", "inf"], ["--timeout inf", "finite"]),
+    (["--rtol", "nan"], ["--rtol nan"]),
+    (["--window", "-2"], ["--window -2"]),
+    (["--heads", "3", "--kv-heads", "2"], ["--heads 3", "multiple of --kv-heads 2"]),
+])
+def test_verify_flag_validation(capsys, no_ranks, flags, words):
+    err = _error(capsys, ["verify", *flags, "--no-progress"])
+    for w in words:
+        assert w in err, err
+
+
+def test_verify_reports_every_bad_flag_at_once(capsys, no_ranks):
+    err = _error(capsys, ["verify", "--heads", "0", "--batch", "0", "--head-dim", "-1"])
+    assert len(err.strip().splitlines()) == 3 and all(f in err for f in ("--heads 0", "--batch 0", "--head-dim -1"))
+
+
+def test_memory_is_estimated_before_any_work(tmp_path, capsys, no_ranks):
+    err = _error(capsys, ["run", "--seq-len", str(1 << 22), "--heads", "64", "--kv-heads", "64", "--head-dim", "256",
+                          "--out", str(tmp_path)])
+    assert "needs about" in err and "GiB per rank" in err and "available" in err and "attention.seq_len" in err
+    err = _error(capsys, ["verify", "--seq-lens", "300000"])
+    assert "--seq-lens 300000 needs about" in err and "float64 reference" in err
+
+
+def test_bench_flag_validation(capsys, no_ranks, tmp_path):
+    err = _error(capsys, ["bench", "--heads", "0", "--timeout", "nan", "--out", str(tmp_path)])
+    assert "--heads 0" in err and "--timeout nan" in err
+
+
+def test_version():
+    r = seqpar("--version")
+    assert r.returncode == 0 and r.stdout.startswith("seqpar ") and r.stdout.split()[1][0].isdigit(), r
