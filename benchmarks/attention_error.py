@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # dist_pool
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # test_attention
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,11 +88,11 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16,float16")
     a = p.parse_args()
     args = dict(b=a.b, h=a.h, hkv=a.hkv, s=a.s, d=a.d, seed=a.seed, amp=a.amp, dtypes=a.dtypes.split(","))
-    from dist_pool import Pool
+    from seqpar_tools.runner import Pool
 
     table = {}
     for w in map(int, a.world_sizes.split(",")):
-        pool = Pool(w)
+        pool = Pool(w, timeout_s=1200)
         try:
             per_rank = pool.run(worker, args, timeout=1200)
         finally:

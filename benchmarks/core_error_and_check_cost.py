@@ -18,10 +18,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # dist_pool
+import torch
 
-import torch  # noqa: E402
-from dist_pool import Pool  # noqa: E402
+from seqpar_tools.runner import Pool
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 B, H, HKV, SQ, SK, D = 2, 8, 2, 64, 203, 64  # SK not divisible by 4: uneven shards
@@ -69,7 +68,7 @@ def errors() -> None:
 
     rows = []
     for world_size in (1, 4):
-        pool = Pool(world_size)
+        pool = Pool(world_size, timeout_s=600)
         per_rank = pool.run(_errors_worker, timeout=600)
         pool.close()
         for name, dt in DTYPES.items():
@@ -114,7 +113,7 @@ def _check_worker(rank, world_size, iters, shape):
 
 def check_cost(iters: int = 3000) -> None:
     shape = (1, 4, 16, 32, 64)
-    pool = Pool(2)
+    pool = Pool(2, timeout_s=600)
     per_rank = pool.run(_check_worker, iters, shape, timeout=600)
     pool.close()
     print(f"\nkv_sharded_attention at W=2 (gloo, 1 thread/rank), q (1, 4, 16, 64), k/v per rank (1, 4, 32, 64), "

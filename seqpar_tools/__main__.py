@@ -1,4 +1,4 @@
-"""``python -m seqpar_tools ...`` = the ``seqpar`` command (used by the launchers: ``torchrun ... -m seqpar_tools run``)."""
+"""``python -m seqpar_tools ...`` = the ``seqpar`` command (the launchers run ``torchrun ... -m seqpar_tools run``)."""
 
 from seqpar_tools.cli import main
 

@@ -208,7 +208,8 @@ def plot_run(rows: list[dict], path: Path, *, title: str, meta: dict) -> Path | 
     ax_m.set_ylabel(f"MB above the level before\n({meta.get('memory', '?').split(' (')[0]})")
     _legend_outside(ax_m)
 
-    errs = {"float64 check (short S)": _get(rows, "err_float64"), "vs single-process SDPA (full S)": _get(rows, "err_long")}
+    errs = {"float64 check (short S)": _get(rows, "err_float64"),
+            "vs single-process SDPA (full S)": _get(rows, "err_long")}
     floor = 1e-18
     _bars(ax_e, names, {k: [max(v, floor) if not math.isnan(v) else v for v in vals] for k, vals in errs.items()},
           fmt="{:.0e}")

@@ -36,7 +36,7 @@ from typing import Any
 
 from seqpar_tools.config import Config, ConfigError, resolve_world_size
 from seqpar_tools.references import TOLERANCE, Case, exact_case, rel_err, sdpa_reference
-from seqpar_tools.runner import RankContext, RankError, join, spawn
+from seqpar_tools.runner import RankContext, RankError, join, launched_rank, local_world_size, spawn
 from seqpar_tools.terminal import Terminal, make_console
 from seqpar_tools.timing import timed
 
@@ -227,12 +227,9 @@ def prepare(cfg: Config) -> dict[str, Any]:
     if kind is None and device == "cuda" and world > torch.cuda.device_count():
         raise ConfigError(f"{cfg.origin('run.world_size')}: run.world_size = {world}: one GPU per spawned rank, "
                           f"and this machine has {torch.cuda.device_count()}")
-    rank0 = kind is None or int(os.environ.get("RANK", os.environ.get("PMI_RANK",
-                                                os.environ.get("OMPI_COMM_WORLD_RANK", 0)))) == 0
+    rank0 = kind is None or launched_rank() == 0
     if rank0:
         check_writable(cfg.out_dir, f"{cfg.origin('run.out') if cfg.run.out else 'default'}: run.out")
-    from seqpar_tools.runner import local_world_size
-
     here = world if kind is None else local_world_size(world)
     problem = check_fits(estimate_run(cfg, world), device, here, f"attention.seq_len = {cfg.attention.seq_len}")
     if problem:

@@ -337,6 +337,14 @@ def spawn(
     return results[0]
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher's environment gives it (0 outside a launcher)."""
+    for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        if v in os.environ:
+            return int(os.environ[v])
+    return 0
+
+
 def local_world_size(default: int) -> int:
     for v in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         if v in os.environ:

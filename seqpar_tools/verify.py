@@ -72,6 +72,7 @@ def verify_command(args) -> int:
     from seqpar_tools.config import RunSection
     from seqpar_tools.memory import check_fits, estimate_verify
     from seqpar_tools.run import check_writable, execute, resolve_device
+    from seqpar_tools.runner import launched_rank
     from seqpar_tools.terminal import make_console
 
     validate(args)
@@ -100,9 +101,7 @@ def verify_command(args) -> int:
         batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
         window_size=args.window, documents=args.documents, seed=args.seed,
     )
-    import os
-
-    rank0 = kind is None or int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0"))) == 0
+    rank0 = kind is None or launched_rank() == 0
     plan = {"device": device, "backend": backend, "world_size": w, "launcher": kind, "rank0": rank0}
     console = make_console()
     rows, how = execute(verify_rank, (cases, tolerance), run_cfg=run_cfg, plan=plan,

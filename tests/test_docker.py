@@ -65,7 +65,8 @@ def test_copied_paths_exist_and_are_not_docker_ignored():
     for op, rest in instructions():
         if op == "COPY":
             sources += rest.split()[:-1]
-    assert "pyproject.toml" in sources and PYPROJECT["project"]["readme"] in sources and "seqpar" in sources
+    assert "pyproject.toml" in sources and PYPROJECT["project"]["readme"] in sources
+    assert "seqpar" in sources and "seqpar_tools" in sources  # the library and the tool layer (the console script)
     for src in sources:
         assert (ROOT / src).exists(), src
         assert not any(fnmatch.fnmatch(src, pat) or src == pat.rstrip("/") for pat in ignored), src

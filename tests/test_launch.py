@@ -31,11 +31,21 @@ def test_torchrun_sh_runs_a_tiny_job():
     assert "all 2 cases match (2 ranks, torchrun)" in r.stdout
 
 
+def test_torchrun_sh_with_three_ranks_runs_the_builtin_config(tmp_path):
+    """NPROC other than 2 used to fail: the built-in config fixed world_size = 2. The launcher's size wins."""
+    r = sh("torchrun.sh", "run", "--seq-len", "40", "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
+           "--check-seq-len", "12", "--warmup", "0", "--repeats", "1", "--strategies", "ring", "--out", str(tmp_path),
+           "--no-progress", env={"NPROC": "3"}, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta = json.loads((tmp_path / "report.json").read_text())["meta"]
+    assert meta["launcher"] == "torchrun" and meta["world_size"] == 3
+
+
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec (pip install -e '.[mpi]')")
 def test_mpirun_sh_runs_the_job_over_gloo_bootstrapped_by_mpi(tmp_path):
     pytest.importorskip("mpi4py")
     r = sh("mpirun.sh", "run", "--seq-len", "40", "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
-           "--check-seq-len", "12", "--warmup", "0", "--repeats", "1", "--world-size", "0", "--out", str(tmp_path),
+           "--check-seq-len", "12", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path),
            "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
     meta = json.loads((tmp_path / "report.json").read_text())["meta"]
@@ -58,7 +68,8 @@ def dry(script: str, *args: str, env: dict | None = None) -> str:
 
 def test_torchrun_sh_convention_and_multinode_rendezvous():
     assert "--standalone" in dry("torchrun.sh") and "-m seqpar_tools run" in dry("torchrun.sh")
-    assert "-m seqpar_tools run configs/gpu.toml --repeats 5" in dry("torchrun.sh", "configs/gpu.toml", "--repeats", "5")
+    gpu = dry("torchrun.sh", "configs/gpu.toml", "--repeats", "5")
+    assert "-m seqpar_tools run configs/gpu.toml --repeats 5" in gpu
     out = dry("torchrun.sh", "examples/train.py", "--steps", "5",
               env={"NNODES": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "1234", "RDZV_ID": "job7", "NPROC": "8"})
     for part in ("--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:1234", "--rdzv-id=job7",
