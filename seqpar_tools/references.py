@@ -92,8 +92,8 @@ def sdpa_reference(q, k, v, go, *, is_causal: bool, window_size: int | None = No
 
     Times follow :func:`seqpar_tools.timing.timed` (median of ``repeats`` after ``warmup``) for the forward
     alone and for forward + backward; the outputs are the last fwd+bwd call's (dk, dv summed back to
-    ``H_kv`` heads). GQA is spelled out (query head ``h`` uses K/V head ``h // (H / H_kv)``); a window is an
-    explicit ``(S, S)`` bool mask. Peak memory: :class:`seqpar_tools.memory.PeakMemory` over fwd+bwd.
+    ``H_kv`` heads). GQA: SDPA's own ``enable_gqa`` (query head ``h`` uses K/V head ``h // (H / H_kv)``;
+    spelled out with ``repeat_interleave`` on a torch without it); a window is an explicit ``(S, S)`` bool mask. Peak memory: :class:`seqpar_tools.memory.PeakMemory` over fwd+bwd.
     """
     import torch
     import torch.nn.functional as F
@@ -107,18 +107,22 @@ def sdpa_reference(q, k, v, go, *, is_causal: bool, window_size: int | None = No
     if window_size is not None:  # an explicit (1, 1, S, S) bool mask: S^2 bytes
         mask = reference.sequence_mask(q.shape[2], is_causal=is_causal, window_size=window_size).to(q.device)
 
-    def expand(t):
-        return t.repeat_interleave(g, dim=1) if g > 1 else t
+    def sdpa(q, k, v):
+        kw = {"attn_mask": mask, "is_causal": is_causal and mask is None}
+        if g == 1:
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+        try:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+        except TypeError:  # torch < 2.5
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), **kw)
 
     def fwd():
         with torch.no_grad():
-            return F.scaled_dot_product_attention(q, expand(k), expand(v), attn_mask=mask,
-                                                  is_causal=is_causal and mask is None)
+            return sdpa(q, k, v)
 
     def fwd_bwd():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(leaves[0], expand(leaves[1]), expand(leaves[2]), attn_mask=mask,
-                                             is_causal=is_causal and mask is None)
+        out = sdpa(*leaves)
         out.backward(go)
         return [out.detach(), *(t.grad for t in leaves)]
 
