@@ -86,21 +86,20 @@ _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def available_bytes(device_type: str, world_size_here: int) -> tuple[int | None, str]:
-    """Memory one rank may use, and where the figure comes from: CPU ``MemAvailable`` (Linux) shared by the
-    ``world_size_here`` ranks of this node; CUDA the smallest free memory of the first ``world_size_here``
-    devices. ``(None, why)`` when unknown."""
+    """Memory the job may use and where the figure comes from: CPU ``MemAvailable`` (Linux) for all the ranks of
+    this node together; CUDA the smallest free memory of the first ``world_size_here`` devices (one rank
+    each). ``(None, why)`` when unknown."""
     if device_type == "cuda":
         import torch
 
         n = min(world_size_here, torch.cuda.device_count())
         free = min(torch.cuda.mem_get_info(i)[0] for i in range(max(n, 1)))
-        return free, "free CUDA memory per device (torch.cuda.mem_get_info)"
+        return free, "free CUDA memory of one device (torch.cuda.mem_get_info)"
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    total = int(line.split()[1]) * 1024
-                    return total // max(world_size_here, 1), f"MemAvailable / {world_size_here} ranks on this node"
+                    return int(line.split()[1]) * 1024, f"MemAvailable, for the {world_size_here} ranks of this node"
     except OSError:
         pass
     return None, "unknown (no /proc/meminfo)"
@@ -142,13 +141,24 @@ def estimate_verify(*, seq_len: int, batch: int, heads: int, kv_heads: int, head
     return {"float64 reference": 6 * batch * heads * seq_len * seq_len * 8 + 4 * per_token * seq_len * 8}
 
 
+RANK0_ONLY = ("long check",)  # parts only rank 0 holds
+
+
 def check_fits(parts: dict[str, int], device_type: str, world_size_here: int, what: str) -> str | None:
-    """None when ``parts`` fit in the memory available to one rank, else the sentence that says why not."""
-    need = sum(parts.values())
+    """None when ``parts`` (rank 0's need, by part) fit, else the sentence that says why not. On CPU the
+    node's ranks share ``MemAvailable``: every rank needs the parts but :data:`RANK0_ONLY`, rank 0 all of them;
+    on CUDA each rank has its own device."""
     have, source = available_bytes(device_type, world_size_here)
+    per_rank = sum(v for k, v in parts.items() if k not in RANK0_ONLY)
+    need = sum(parts.values())
+    where = "on one device"
+    if device_type != "cuda":
+        need += (world_size_here - 1) * per_rank
+        where = f"on this node ({world_size_here} ranks)"
     if have is None or need <= have:
         return None
     gib = 2**30
-    detail = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
-    return (f"{what} needs about {need / gib:.2f} GiB per rank ({detail} GiB) but {have / gib:.2f} GiB is "
-            f"available ({source}); use a shorter sequence, fewer heads or more ranks")
+    detail = ", ".join(f"{k} {v / gib:.2f}" + (" (rank 0 only)" if k in RANK0_ONLY else "")
+                       for k, v in parts.items() if v)
+    return (f"{what} needs about {need / gib:.2f} GiB {where} (per rank: {detail} GiB) but "
+            f"{have / gib:.2f} GiB is available ({source}); use a shorter sequence, fewer heads or more ranks")

@@ -92,8 +92,10 @@ def sdpa_reference(q, k, v, go, *, is_causal: bool, window_size: int | None = No
 
     Times follow :func:`seqpar_tools.timing.timed` (median of ``repeats`` after ``warmup``) for the forward
     alone and for forward + backward; the outputs are the last fwd+bwd call's (dk, dv summed back to
-    ``H_kv`` heads). GQA: SDPA's own ``enable_gqa`` (query head ``h`` uses K/V head ``h // (H / H_kv)``;
-    spelled out with ``repeat_interleave`` on a torch without it); a window is an explicit ``(S, S)`` bool mask. Peak memory: :class:`seqpar_tools.memory.PeakMemory` over fwd+bwd.
+    ``H_kv`` heads). GQA is spelled out with ``repeat_interleave`` (query head ``h`` uses K/V head
+    ``h // (H / H_kv)``): SDPA's own ``enable_gqa`` takes a slow path for the backward on CPU (torch 2.13:
+    fwd+bwd 25.1 s against 3.4 s at the default shapes of ``seqpar run``), which would flatter every strategy.
+    A window is an explicit ``(S, S)`` bool mask. Peak memory: :class:`seqpar_tools.memory.PeakMemory` over fwd+bwd.
     """
     import torch
     import torch.nn.functional as F
@@ -108,13 +110,9 @@ def sdpa_reference(q, k, v, go, *, is_causal: bool, window_size: int | None = No
         mask = reference.sequence_mask(q.shape[2], is_causal=is_causal, window_size=window_size).to(q.device)
 
     def sdpa(q, k, v):
-        kw = {"attn_mask": mask, "is_causal": is_causal and mask is None}
-        if g == 1:
-            return F.scaled_dot_product_attention(q, k, v, **kw)
-        try:
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
-        except TypeError:  # torch < 2.5
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), **kw)
+        if g > 1:
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
 
     def fwd():
         with torch.no_grad():

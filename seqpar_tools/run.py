@@ -233,7 +233,7 @@ def prepare(cfg: Config) -> dict[str, Any]:
     here = world if kind is None else local_world_size(world)
     problem = check_fits(estimate_run(cfg, world), device, here, f"attention.seq_len = {cfg.attention.seq_len}")
     if problem:
-        raise ConfigError(f"{cfg.describe()}: {problem}")
+        raise ConfigError(f"{cfg.origin('attention.seq_len')}: {problem}")
     return {"device": device, "backend": backend, "world_size": world, "launcher": kind, "rank0": rank0}
 
 
