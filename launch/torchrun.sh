@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start seqpar -- or any script -- under torchrun, on one node or many.
+# Start seqpar (python -m seqpar_tools = the seqpar command) -- or any script -- under torchrun, on one node or many.
 #
 #   launch/torchrun.sh                                  # seqpar run $CONFIG (default: the built-in config)
 #   launch/torchrun.sh configs/gpu.toml --repeats 5     # a .toml first: seqpar run that config, flags after it
@@ -11,11 +11,11 @@
 # after it is passed through unchanged. Anything else first is an error (use `run --flag`, not `--flag`).
 #
 # Environment (defaults):
-#   NPROC        ranks per node (the number of GPUs, else 2)
+#   NPROC        ranks per node (the number of GPUs, else 2); seqpar run uses the launcher's world size
 #   NNODES       nodes (1: torchrun --standalone, a free local port; >1: c10d rendezvous at MASTER_ADDR:MASTER_PORT)
 #   NODE_RANK    this node's index, used by RDZV_BACKEND=static (SLURM_NODEID, else 0)
 #   MASTER_ADDR  rendezvous host (127.0.0.1)          MASTER_PORT  rendezvous port (29500)
-#   RDZV_BACKEND c10d | static (c10d)                 RDZV_ID      job id shared by all nodes (SLURM_JOB_ID, else seqpar)
+#   NPROC        ranks per node (the GPUs, else 2); seqpar run uses the launcher's world size
 #   CONFIG       config for `seqpar run` (empty: the built-in default = configs/default.toml)
 #   OMP_NUM_THREADS  CPU threads per rank (1)          PYTHON       interpreter (python)
 #   TORCHRUN_ARGS    extra torchrun flags              DRY_RUN=1    print the command instead of running it
