@@ -15,7 +15,7 @@
 #   NNODES       nodes (1: torchrun --standalone, a free local port; >1: c10d rendezvous at MASTER_ADDR:MASTER_PORT)
 #   NODE_RANK    this node's index, used by RDZV_BACKEND=static (SLURM_NODEID, else 0)
 #   MASTER_ADDR  rendezvous host (127.0.0.1)          MASTER_PORT  rendezvous port (29500)
-#   NPROC        ranks per node (the GPUs, else 2); seqpar run uses the launcher's world size
+#   RDZV_BACKEND c10d | static (c10d)                 RDZV_ID      job id shared by all nodes (SLURM_JOB_ID, else seqpar)
 #   CONFIG       config for `seqpar run` (empty: the built-in default = configs/default.toml)
 #   OMP_NUM_THREADS  CPU threads per rank (1)          PYTHON       interpreter (python)
 #   TORCHRUN_ARGS    extra torchrun flags              DRY_RUN=1    print the command instead of running it
