@@ -247,7 +247,8 @@ def plot_bench(rows: list[dict], path: Path, *, title: str, meta: dict) -> Path 
         return None
     lens = sorted({r["seq_len"] for r in rows})
     causal_values = sorted({bool(r.get("causal")) for r in rows})
-    impls = list(dict.fromkeys(_label(r) for r in rows if r.get("world_size") != 1))
+    impls = sorted(dict.fromkeys(_label(r) for r in rows if r.get("world_size") != 1),
+                   key=lambda name: (not name.startswith("seqpar:"), name))  # seqpar's first, the peer last
     colors = {name: f"C{i}" for i, name in enumerate(impls)}
     base = {(r["seq_len"], bool(r.get("causal"))): r for r in rows if r.get("world_size") == 1}
 
@@ -275,7 +276,7 @@ def plot_bench(rows: list[dict], path: Path, *, title: str, meta: dict) -> Path 
     _bars(ax_b, [f"S={s}" for s in lens],
           {i: [row(i, s, c0).get("bytes_per_rank_fwd_bwd", math.nan) / 1e6 for s in lens] for i in seq_impls},
           marks={i: [row(i, s, c0).get("analytic_bytes_fwd_bwd", math.nan) / 1e6 for s in lens] for i in seq_impls},
-          mark_label="analytic (seqpar.plan.bytes_sent)", colors=colors, fmt="{:.0f}")
+          mark_label="analytic (seqpar.plan.bytes_sent)", colors=colors, fmt="{:.1f}")
     ax_b.set_title(f"MB sent per rank, one fwd+bwd call, {'causal' if c0 else 'non-causal'}\ncounted (bars) vs "
                    "analytic (black lines)", fontsize=10)
     ax_b.set_ylabel("MB per rank")
