@@ -296,7 +296,7 @@ def test_verify_reports_every_bad_flag_at_once(capsys, no_ranks):
 def test_memory_is_estimated_before_any_work(tmp_path, capsys, no_ranks):
     err = _error(capsys, ["run", "--seq-len", str(1 << 22), "--heads", "64", "--kv-heads", "64", "--head-dim", "256",
                           "--out", str(tmp_path)])
-    assert "needs about" in err and "GiB per rank" in err and "available" in err and "attention.seq_len" in err
+    assert "needs about" in err and "GiB on this node" in err and "available" in err and "attention.seq_len" in err
     err = _error(capsys, ["verify", "--seq-lens", "300000"])
     assert "--seq-lens 300000 needs about" in err and "float64 reference" in err
 
