@@ -1,0 +1,88 @@
+"""``cuda_flash``: ``aten._scaled_dot_product_flash_attention`` (+ ``_backward``), FlashAttention-2 in torch.
+
+=================  ==========================================================================================
+inputs             fp16 / bf16, sm80+, head dim % 8 == 0 and <= 256 (the op does not pad; SDPA does)
+masks              none, or ``is_causal`` on diagonal blocks only: with Sq != Sk the op's causal is
+                   *bottom-right* (flash-attn 2 convention), seqpar's is top-left; the two agree for Sq == Sk
+GQA                native (H % H_kv == 0; dK/dV summed over groups inside the kernel)
+LSE                (B, H, Sq) float32 contiguous; +inf on rows that see no key -> -inf here
+out / grads        q's dtype (rounded before the float32 merge)
+backward           reads LSE by pointer (no checks): float32, contiguous (B, H, Sq); out/dout in q's dtype,
+                   contiguous; cum_seq None, max_q/max_k = Sq/Sk (unused on the dense path); rng tensors are
+                   only read with dropout: int64 scalars up to torch 2.6, uint64 (2,) + () from 2.7
+determinism        deterministic backward under ``torch.use_deterministic_algorithms(True)``
+torch              2.4+ (schema unchanged 2.4 - 2.13 apart from the rng outputs' names/dtypes at 2.7)
+=================  ==========================================================================================
+
+Sources: ``shared/reference/cuda-sdpa-ops.md`` sections 1, 2, pitfalls 12-17.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqpar.ops.kernels.common import Kernel, cuda_available, in_dtype, lse_from_flash, torch_version
+
+OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
+FWD_ARGS = ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask")  # then scale=
+BWD_ARGS = ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+            "dropout_p", "is_causal", "philox_seed", "philox_offset")  # 2.7+ names the last two rng_state, unused
+MIN_TORCH = (2, 4)
+
+
+def _op(i: int):
+    return getattr(torch.ops.aten, OPS[i])
+
+
+def rng_placeholders(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's rng outputs as the backward expects them (read only with dropout, which seqpar never uses)."""
+    if torch_version() >= (2, 7):
+        return torch.empty(2, dtype=torch.uint64, device=device), torch.empty((), dtype=torch.uint64, device=device)
+    return torch.empty((), dtype=torch.int64, device=device), torch.empty((), dtype=torch.int64, device=device)
+
+
+def forward(q, k, v, *, scale, mask=None, is_causal=False):
+    assert mask is None and (not is_causal or q.shape[2] == k.shape[2]), "flash: no mask, causal only if Sq == Sk"
+    r = _op(0)(q, k, v, 0.0, is_causal, False, scale=scale)
+    return r[0], lse_from_flash(r[1])
+
+
+def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
+    seed, offset = rng_placeholders(q.device)
+    dq, dk, dv = _op(1)(in_dtype(dout, q), q, k, v, in_dtype(out, q), lse.float().contiguous(), None, None,
+                        q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
+    return dq, dk, dv
+
+
+def _refuses(q, k, v, kind):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (fp16/bf16 only)"
+    d = q.shape[-1]
+    if d % 8 or d > 256 or v.shape[-1] != d:
+        return f"head dim {d}/{v.shape[-1]} (needs equal, % 8 == 0, <= 256)"
+    if kind not in ("none", "causal"):
+        return f"mask kind {kind!r} (flash takes no mask)"
+    if kind == "causal" and q.shape[2] != k.shape[2]:
+        return "causal with Sq != Sk (flash's causal is bottom-right)"
+    if q.device.type == "cuda" and not torch.backends.cuda.flash_sdp_enabled():
+        return "FLASH_ATTENTION disabled by torch.nn.attention.sdpa_kernel"
+    return None
+
+
+KERNEL = Kernel(
+    name="cuda_flash",
+    summary="aten._scaled_dot_product_flash_attention (+ backward): FlashAttention-2, no mask",
+    devices=("cuda",),
+    dtypes=(torch.float16, torch.bfloat16),
+    head_dims="% 8 == 0, <= 256 (sm86/89/120: backward <= 192)",
+    masks=("none", "causal"),
+    gqa="native",
+    min_torch=MIN_TORCH,
+    deterministic="under torch.use_deterministic_algorithms(True)",
+    out_dtype="q",
+    sdpa_backend="FLASH_ATTENTION",
+    forward=forward,
+    backward=backward,
+    available=lambda: cuda_available(OPS, MIN_TORCH, (8, 0)),
+    refuses=_refuses,
+)
