@@ -1,7 +1,13 @@
 """Attention of a set of query tokens over a set of key tokens, block by block, merged by LSE.
 
 This is the local computation every strategy runs: it skips the blocks the mask leaves empty,
-calls the fused kernel (:mod:`seqpar.ops.kernels`) on the rest, and merges the partials in float32.
+calls a kernel (:mod:`seqpar.ops.kernels`) on the rest, and merges the partials in float32.
+
+The kernel is chosen per block from what the block loop knows of it (:mod:`seqpar.ops.kernels.registry`):
+an unmasked block (``mask=None``) or a diagonal causal one (``is_causal``, Sq == Sk, top-left) goes to
+the fastest fused op (CUDA: cuDNN where torch prefers it, else flash; CPU: the CPU flash op); a block a
+window, document or padding mask cuts partly carries its bool mask and goes to an op taking an additive
+bias (CUDA: memory-efficient) or to ``blockwise``. :func:`block_kernels` lists the choice per block.
 
 Shapes::
 
@@ -15,9 +21,20 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.ops.kernels import attention_backward, attention_forward
+from seqpar.ops.kernels import attention_backward, attention_forward, candidates
+from seqpar.ops.kernels.common import mask_kind
 from seqpar.ops.lse import NEG_INF, merge_into, stat_dtype
-from seqpar.ops.masks import MaskSpec, Tokens, blocks
+from seqpar.ops.masks import Block, MaskSpec, Tokens, blocks
+
+
+def block_kernels(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt: Tokens, kt: Tokens, spec: MaskSpec
+) -> list[tuple[Block, str]]:
+    """Each non-empty block of queries ``qt`` x keys ``kt`` with the backend :func:`tiled_forward` runs it on."""
+    return [
+        (blk, candidates(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], mask_kind(blk.mask, blk.is_causal))[0].name)
+        for blk in blocks(qt, kt, spec)
+    ]
 
 
 def tiled_forward(

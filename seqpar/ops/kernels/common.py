@@ -171,3 +171,20 @@ def lse_for_cudnn_backward(lse: torch.Tensor) -> torch.Tensor:
     (cuDNN < 9.26 ignores the declared strides of the stats tensor on SM80, cudnn-frontend #304)."""
     lse = lse.float().contiguous()
     return lse.unsqueeze(-1) if torch_version() >= (2, 9) else lse
+
+
+# --- calling an aten op by argument name, per torch version ----------------------------------------
+
+
+def schema_at(table: dict[tuple[int, int], tuple[str, ...]], version: tuple[int, int]) -> tuple[str, ...] | None:
+    """The positional argument names in force at ``version``: the entry of the latest version <= it."""
+    since = [v for v in table if v <= version]
+    return table[max(since)] if since else None
+
+
+def call(op, table: dict[tuple[int, int], tuple[str, ...]], values: dict, **kwargs):
+    """``op(*positional, **kwargs)`` with the positional arguments ordered by this torch version's schema."""
+    names = schema_at(table, torch_version())
+    if names is None:
+        raise RuntimeError(f"no schema for torch {torch.__version__} in the wrapper's table")
+    return op(*[values[n] for n in names], **kwargs)

@@ -31,13 +31,30 @@ import os
 
 import torch
 
-from seqpar.ops.kernels.common import Kernel, cuda_available, in_dtype, lse_for_cudnn_backward, lse_from_cudnn, torch_version
+from seqpar.ops.kernels.common import (
+    Kernel,
+    call,
+    cuda_available,
+    in_dtype,
+    lse_for_cudnn_backward,
+    lse_from_cudnn,
+    torch_version,
+)
 
 OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward")
-FWD_ARGS = ("query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal",
-            "return_debug_mask")  # then scale=; torch 2.5+
-BWD_ARGS = ("grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed", "philox_offset", "attn_bias",
-            "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal")  # torch 2.5+ (2.4: other order)
+SCHEMAS = {  # positional argument names by the torch version that introduced them (``scale`` is keyword-only)
+    OPS[0]: {
+        (2, 4): ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask"),  # no LSE flag: not wrapped
+        (2, 5): ("query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal",
+                 "return_debug_mask"),
+    },
+    OPS[1]: {
+        (2, 4): ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+                 "dropout_p", "is_causal", "philox_seed", "philox_offset"),
+        (2, 5): ("grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed", "philox_offset", "attn_bias",
+                 "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal"),  # philox moved, bias added
+    },
+}
 MIN_TORCH = (2, 5)
 
 
@@ -47,14 +64,18 @@ def _op(i: int):
 
 def forward(q, k, v, *, scale, mask=None, is_causal=False):
     assert mask is None, "cudnn: masked blocks go to cuda_efficient"
-    r = _op(0)(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+    args = dict(query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=is_causal,
+                return_debug_mask=False)
+    r = call(_op(0), SCHEMAS[OPS[0]], args, scale=scale)
     return r[0], lse_from_cudnn(r[1], q)
 
 
 def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
     seed = torch.empty((), dtype=torch.int64, device=q.device)
-    dq, dk, dv = _op(1)(in_dtype(dout, q), q, k, v, in_dtype(out, q), lse_for_cudnn_backward(lse), seed, seed,
-                        None, None, None, q.shape[2], k.shape[2], 0.0, is_causal, scale=scale)
+    args = dict(grad_out=in_dtype(dout, q), query=q, key=k, value=v, out=in_dtype(out, q),
+                logsumexp=lse_for_cudnn_backward(lse), philox_seed=seed, philox_offset=seed, attn_bias=None,
+                cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0, is_causal=is_causal)
+    dq, dk, dv = call(_op(1), SCHEMAS[OPS[1]], args, scale=scale)
     return dq, dk, dv
 
 
@@ -66,13 +87,15 @@ def _refuses(q, k, v, kind):
         return f"head dim {d}/{v.shape[-1]} (seqpar uses cuDNN for equal head dims % 8 == 0, <= 128)"
     if kind not in ("none", "causal"):
         return f"mask kind {kind!r} (cuDNN with a mask: NaN dQ, pytorch #196678)"
+    if kind == "causal" and q.shape[2] != k.shape[2]:
+        return "causal with Sq != Sk (top-left in recent cuDNN graphs; unverified for older ones)"
     if k.shape[1] != q.shape[1] and torch_version() < (2, 9):
         return "GQA below torch 2.9 (unverified)"
     if k.shape[2] == 1:
         return "Sk == 1 (sdp_utils refuses it)"
     if torch.are_deterministic_algorithms_enabled():
         return "deterministic algorithms requested (cuDNN attention is not deterministic)"
-    if q.device.type == "cuda" and not torch.backends.cuda.cudnn_sdp_enabled():
+    if not torch.backends.cuda.cudnn_sdp_enabled():
         return "CUDNN_ATTENTION disabled by torch.nn.attention.sdpa_kernel"
     return None
 
@@ -107,5 +130,5 @@ KERNEL = Kernel(
     backward=backward,
     available=_available,
     refuses=_refuses,
-    default_on=preferred,
+    default_on=lambda device: preferred(device),  # looked up per call: tests patch it
 )

@@ -4,7 +4,7 @@ document or padding mask cuts partly.
 
 =================  ==========================================================================================
 inputs             fp16 / bf16 / fp32 (bf16 needs sm80), head dims equal-q/k, multiple of 8 (half) / 4 (fp32)
-masks              none; ``is_causal`` (top-left, diagonal blocks); bool or float masks as an additive bias in
+masks              none; ``is_causal`` (top-left, also for Sq != Sk); bool or float masks as an additive bias in
                    q's dtype, 4-D (B, H, Sq, Sk), rows padded to 16 elements, broadcast dims expanded
 GQA                K/V repeated to H heads (materialised), dK/dV summed over groups: the backward checks
                    ``query.size(2) == key.size(2)``, and SDPA itself never gives this op GQA inputs
@@ -27,6 +27,7 @@ import torch
 from seqpar.ops.kernels.common import (
     Kernel,
     additive_bias,
+    call,
     cuda_available,
     in_dtype,
     lse_for_efficient_backward,
@@ -36,9 +37,11 @@ from seqpar.ops.kernels.common import (
 )
 
 OPS = ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward")
-FWD_ARGS = ("query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal")  # then scale=
-BWD_ARGS = ("grad_out_", "query", "key", "value", "attn_bias", "out", "logsumexp", "philox_seed", "philox_offset",
-            "dropout_p", "grad_input_mask", "is_causal")
+SCHEMAS = {  # positional argument names by the torch version that introduced them (``scale`` is keyword-only)
+    OPS[0]: {(2, 4): ("query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal")},
+    OPS[1]: {(2, 4): ("grad_out_", "query", "key", "value", "attn_bias", "out", "logsumexp", "philox_seed",
+                      "philox_offset", "dropout_p", "grad_input_mask", "is_causal")},
+}
 MIN_TORCH = (2, 4)
 
 
@@ -53,7 +56,9 @@ def _lse_pad() -> int:
 def forward(q, k, v, *, scale, mask=None, is_causal=False):
     h = q.shape[1]
     bias = None if mask is None else additive_bias(mask, q, k.shape[2])
-    r = _op(0)(q, repeat_kv(k, h), repeat_kv(v, h), bias, True, 0.0, is_causal, scale=scale)
+    args = dict(query=q, key=repeat_kv(k, h), value=repeat_kv(v, h), attn_bias=bias, compute_log_sumexp=True,
+                dropout_p=0.0, is_causal=is_causal)
+    r = call(_op(0), SCHEMAS[OPS[0]], args, scale=scale)
     return r[0], lse_from_efficient(r[1], q.shape[2])
 
 
@@ -61,9 +66,10 @@ def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
     h, hkv = q.shape[1], k.shape[1]
     bias = None if mask is None else additive_bias(mask, q, k.shape[2])
     seed = torch.empty((), dtype=torch.int64, device=q.device)
-    dq, dk, dv, _ = _op(1)(in_dtype(dout, q), q, repeat_kv(k, h), repeat_kv(v, h), bias, in_dtype(out, q),
-                           lse_for_efficient_backward(lse, _lse_pad()), seed, seed, 0.0, [True, True, True, False],
-                           is_causal, scale=scale)
+    args = dict(grad_out_=in_dtype(dout, q), query=q, key=repeat_kv(k, h), value=repeat_kv(v, h), attn_bias=bias,
+                out=in_dtype(out, q), logsumexp=lse_for_efficient_backward(lse, _lse_pad()), philox_seed=seed,
+                philox_offset=seed, dropout_p=0.0, grad_input_mask=[True, True, True, False], is_causal=is_causal)
+    dq, dk, dv, _ = call(_op(1), SCHEMAS[OPS[1]], args, scale=scale)
     return dq, sum_groups(dk, hkv), sum_groups(dv, hkv)
 
 
@@ -73,9 +79,7 @@ def _refuses(q, k, v, kind):
     d, align = q.shape[-1], (4 if q.dtype == torch.float32 else 8)
     if d % align or v.shape[-1] % align:
         return f"head dim {d}/{v.shape[-1]} (needs a multiple of {align})"
-    if kind == "causal" and q.shape[2] != k.shape[2]:
-        return "causal with Sq != Sk (seqpar passes causal only on diagonal blocks)"
-    if q.device.type == "cuda" and not torch.backends.cuda.mem_efficient_sdp_enabled():
+    if not torch.backends.cuda.mem_efficient_sdp_enabled():
         return "EFFICIENT_ATTENTION disabled by torch.nn.attention.sdpa_kernel"
     return None
 

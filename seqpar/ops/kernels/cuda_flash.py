@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.ops.kernels.common import Kernel, cuda_available, in_dtype, lse_from_flash, torch_version
+from seqpar.ops.kernels.common import Kernel, call, cuda_available, in_dtype, lse_from_flash, torch_version
 
 OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
-FWD_ARGS = ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask")  # then scale=
-BWD_ARGS = ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
-            "dropout_p", "is_causal", "philox_seed", "philox_offset")  # 2.7+ names the last two rng_state, unused
+_BWD = ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+        "dropout_p", "is_causal")
+SCHEMAS = {  # positional argument names by the torch version that introduced them (``scale`` is keyword-only)
+    OPS[0]: {(2, 4): ("query", "key", "value", "dropout_p", "is_causal", "return_debug_mask")},
+    # names unchanged 2.4 - 2.13 (the forward's rng outputs were renamed rng_state/unused and became uint64 at 2.7;
+    # only the low-level _flash_attention_backward renamed its arguments)
+    OPS[1]: {(2, 4): (*_BWD, "philox_seed", "philox_offset")},
+}
 MIN_TORCH = (2, 4)
 
 
@@ -43,14 +48,17 @@ def rng_placeholders(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward(q, k, v, *, scale, mask=None, is_causal=False):
     assert mask is None and (not is_causal or q.shape[2] == k.shape[2]), "flash: no mask, causal only if Sq == Sk"
-    r = _op(0)(q, k, v, 0.0, is_causal, False, scale=scale)
+    args = dict(query=q, key=k, value=v, dropout_p=0.0, is_causal=is_causal, return_debug_mask=False)
+    r = call(_op(0), SCHEMAS[OPS[0]], args, scale=scale)
     return r[0], lse_from_flash(r[1])
 
 
 def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
     seed, offset = rng_placeholders(q.device)
-    dq, dk, dv = _op(1)(in_dtype(dout, q), q, k, v, in_dtype(out, q), lse.float().contiguous(), None, None,
-                        q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
+    args = dict(grad_out=in_dtype(dout, q), query=q, key=k, value=v, out=in_dtype(out, q),
+                logsumexp=lse.float().contiguous(), cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2],
+                max_k=k.shape[2], dropout_p=0.0, is_causal=is_causal, philox_seed=seed, philox_offset=offset)
+    dq, dk, dv = call(_op(1), SCHEMAS[OPS[1]], args, scale=scale)
     return dq, dk, dv
 
 
@@ -64,7 +72,7 @@ def _refuses(q, k, v, kind):
         return f"mask kind {kind!r} (flash takes no mask)"
     if kind == "causal" and q.shape[2] != k.shape[2]:
         return "causal with Sq != Sk (flash's causal is bottom-right)"
-    if q.device.type == "cuda" and not torch.backends.cuda.flash_sdp_enabled():
+    if not torch.backends.cuda.flash_sdp_enabled():
         return "FLASH_ATTENTION disabled by torch.nn.attention.sdpa_kernel"
     return None
 

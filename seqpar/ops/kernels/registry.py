@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import torch
 
 from seqpar.ops.kernels import blockwise, cpu_flash, cuda_cudnn, cuda_efficient, cuda_flash
-from seqpar.ops.kernels.common import Kernel, mask_kind
+from seqpar.ops.kernels.common import Kernel, mask_kind, torch_version
 from seqpar.ops.lse import NEG_INF, finite_or_zero, stat_dtype
 
 BACKENDS: dict[str, Kernel] = {
@@ -48,7 +48,7 @@ class _State:
         self.order: tuple[str, ...] | None = None  # None: not resolved yet
         self.explicit = False  # order named by the user (env / configure / use): cuDNN's default_on ignored
         self.excluded: frozenset[str] = frozenset()
-        self.pretend: frozenset[str] = frozenset()  # test hook: treated as available, and run on meta tensors
+        self.pretend: dict[str, str] = {}  # test hook: backend -> device type it is treated as available on
         self.cache: dict = {}
         self.available: dict[str, str | None] = {}
         self.warned: set[str] = set()
@@ -123,10 +123,11 @@ def use(*order: str, exclude: tuple[str, ...] = ()) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pretend_available(*names: str) -> Iterator[None]:
-    """Test hook: treat these backends as available and let them run ``device="meta"`` tensors."""
+def pretend_available(*names: str, device: str = "meta") -> Iterator[None]:
+    """Test hook: treat these backends as available, running tensors of ``device`` (``"meta"``; or ``"cpu"``
+    with the ops replaced by CPU emulations)."""
     saved = _state.pretend
-    _state.pretend = saved | frozenset(_check_names(names, "pretend"))
+    _state.pretend = {**saved, **{n: device for n in _check_names(names, "pretend")}}
     _invalidate()
     try:
         yield
@@ -136,6 +137,8 @@ def pretend_available(*names: str) -> Iterator[None]:
 
 
 def _why_unavailable(kern: Kernel) -> str | None:
+    if torch_version() < kern.min_torch:
+        return f"needs torch >= {kern.min_torch[0]}.{kern.min_torch[1]}"
     if kern.name in _state.pretend:
         return None
     if kern.name not in _state.available:
@@ -146,7 +149,7 @@ def _why_unavailable(kern: Kernel) -> str | None:
 def _on_device(kern: Kernel, device: torch.device) -> bool:
     if "any" in kern.devices or device.type in kern.devices:
         return True
-    return device.type == "meta" and kern.name in _state.pretend
+    return _state.pretend.get(kern.name) == device.type
 
 
 # the switches torch.nn.attention.sdpa_kernel sets, read directly (the torch.backends wrappers cost 4x more)
@@ -165,7 +168,7 @@ def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> 
         found = tuple(
             kern for kern in (BACKENDS[n] for n in order)
             if kern.name not in _state.excluded and _on_device(kern, q.device) and _why_unavailable(kern) is None
-            and (_state.explicit or kern.name in _state.pretend or kern.default_on(q.device))
+            and (_state.explicit or kern.default_on(q.device))
             and kern.refuses(q, k, v, kind) is None
         )
         _state.cache[key] = found = found if found and found[-1] is blockwise.KERNEL else (*found, blockwise.KERNEL)
