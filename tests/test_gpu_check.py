@@ -32,7 +32,8 @@ def test_gpu_check_small_on_cpu(tmp_path):
     assert {r["case"] for r in backends} >= {"bf16_gqa_causal", "fp16_causal", "bf16_window_causal",
                                               "bf16_documents_causal", "bf16_padding_fully_masked_rows"}
     assert all(r["ok"] for r in backends), [r for r in backends if not r["ok"]]
-    assert any(r["fully_masked_rows"] > 0 and r["fully_masked_rows_ok"] for r in backends)
+    assert any(r.get("fully_masked_rows", 0) > 0 and r["fully_masked_rows_ok"] for r in backends)
+    assert any(r["case"].startswith("causal_top_left") for r in backends)
 
     strat = sec["strategies"]["rows"]
     assert {(r["W"], r["strategy"]) for r in strat} == {(w, s) for w in (2, 3, 4)
