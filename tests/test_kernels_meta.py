@@ -94,7 +94,7 @@ CASES = [  # (backend, hkv, sq, sk, mask kind)
 @pytest.mark.parametrize(("backend", "hkv", "sq", "sk", "kind"), CASES)
 def test_meta_contract_through_registry(monkeypatch, backend, hkv, sq, sk, kind, layout, dtype):
     """The registry runs the wrapper on meta tensors (no fallback, no warning): the op gets stride-1 rows,
-    the LSE the contract promises comes back, grads have the inputs' shapes; float32 out/grads."""
+    the LSE the contract promises comes back, grads have the inputs' shapes; out in q's dtype, grads float32."""
     mod = WRAPPERS[backend]
     if backend == "cuda_cudnn" and hkv != H and common.TORCH_VERSION < (2, 9):
         pytest.skip("cuDNN GQA from torch 2.9")
@@ -110,7 +110,7 @@ def test_meta_contract_through_registry(monkeypatch, backend, hkv, sq, sk, kind,
         warnings.simplefilter("error")
         assert kernels.candidates(q, k, v, common.mask_kind(mask, kind == "causal"))[0].name == backend
         out, lse = kernels.attention_forward(q, k, v, scale=0.125, mask=mask, is_causal=kind == "causal")
-        assert out.shape == (B, H, sq, D) and out.dtype == torch.float32 and out.device.type == "meta"
+        assert out.shape == (B, H, sq, D) and out.dtype == dtype and out.device.type == "meta"  # q's dtype, as is
         assert lse.shape == (B, H, sq) and lse.dtype == torch.float32 and lse.is_contiguous()
         dq, dk, dv = kernels.attention_backward(out.to(dtype), q, k, v, out.to(dtype), lse, scale=0.125, mask=mask,
                                                 is_causal=kind == "causal")

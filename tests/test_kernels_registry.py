@@ -207,7 +207,8 @@ def test_dtype_and_head_dim_rules(emulated, dtype, d, want):
     assert kernels.candidates(q, k, v, "none")[0].name == want
     out, lse = kernels.attention_forward(q, k, v, scale=0.2)
     r_out, r_lse, _ = reference.attention(q.double(), k.double(), v.double(), scale=0.2)
-    assert out.dtype == stat_dtype(dtype) and lse.dtype == stat_dtype(dtype) and lse.is_contiguous()
+    native = dtype if registry.BACKENDS[want].out_dtype == "q" else stat_dtype(dtype)
+    assert out.dtype == native and lse.dtype == stat_dtype(dtype) and lse.is_contiguous()
     assert _err(out, r_out) < TOL[dtype][0] and _err(lse, r_lse) < 1e-5
 
 
@@ -332,3 +333,19 @@ def test_unmasked_block_unequal_lengths(emulated, backend):
     assert _err(out, r_out) < TOL[q.dtype][0] and _err(lse, r_lse) < 1e-5
     assert max(_err(g, r) for g, r in zip(grads, r_grads)) < TOL[q.dtype][1]
     assert all(g.dtype == torch.float32 for g in grads)
+
+
+def test_q_dtype_partials_merge_in_float32(emulated):
+    """The ring's pattern: step 0's single fused call returns q's dtype (no extra pass); merging the next
+    partial into it upcasts once, so the merge itself is float32, not bf16."""
+    q, k, v, _ = _problem(16, 32)
+    qt, spec = _tokens(torch.arange(16)), MaskSpec()
+    o0, l0 = tiled_forward(q, k[:, :, :16], v[:, :, :16], qt, _tokens(torch.arange(16)), spec, 0.3)
+    assert o0.dtype == torch.bfloat16 and l0.dtype == torch.float32
+    o1, l1 = kernels.attention_forward(q, k[:, :, 16:], v[:, :, 16:], scale=0.3)
+    o0, l0, acc = o0.clone(), l0.clone(), (o0, l0)  # the accumulator is updated in place
+    out, lse = tiled_forward(q, k[:, :, 16:], v[:, :, 16:], qt, _tokens(torch.arange(16, 32)), spec, 0.3, acc)
+    assert out.dtype == torch.float32
+    tot = torch.logaddexp(l0.double(), l1.double())
+    want = o0.double() * torch.exp(l0 - tot)[..., None] + o1.double() * torch.exp(l1 - tot)[..., None]
+    assert _err(out, want) < 1e-6 and _err(lse, tot) < 1e-6  # a bf16 accumulator is off by ~1e-3

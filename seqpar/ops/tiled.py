@@ -13,7 +13,7 @@ Shapes::
 
     q       (B, H,    Sq, D)     queries, with tokens ``qt``  (len Sq)
     k, v    (B, H_kv, Sk, D)     keys/values, with tokens ``kt`` (len Sk)
-    out     (B, H,    Sq, D)     float32 (float64 for float64 input); 0 where a row sees nothing
+    out     (B, H,    Sq, D)     float32 (float64; q's dtype: see tiled_forward); 0 where a row sees nothing
     lse     (B, H,    Sq)        float32 (float64); -inf where a row sees nothing
 """
 
@@ -47,13 +47,19 @@ def tiled_forward(
     scale: float,
     acc: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of ``q`` over ``k, v``, merged into ``acc`` (updated in place) when given."""
+    """``(out, lse)`` of ``q`` over ``k, v``, merged into ``acc`` (updated in place) when given.
+
+    ``out`` is float32 (float64) -- except for a single kernel call without ``acc``, whose result comes back as is
+    (q's dtype from the fused CUDA ops: no pass over it). Passed back as ``acc``, such an ``out`` is upcast once.
+    """
     todo = list(blocks(qt, kt, spec))
     if acc is None and len(todo) == 1 and _covers(todo[0], q, k):  # one kernel call: its result as is
         blk = todo[0]
         return attention_forward(q, k, v, scale=scale, mask=blk.mask, is_causal=blk.is_causal)
+    sd = stat_dtype(q.dtype)
+    if acc is not None and acc[0].dtype != sd and todo:  # a single call's q-dtype result: merge in float32
+        acc = (acc[0].to(sd), acc[1])
     if acc is None:
-        sd = stat_dtype(q.dtype)
         acc = (
             torch.zeros(*q.shape[:-1], v.shape[-1], dtype=sd, device=q.device),
             torch.full(q.shape[:-1], NEG_INF, dtype=sd, device=q.device),

@@ -5,7 +5,7 @@ One contract for all backends (:mod:`seqpar.ops.kernels.registry` enforces the l
 - ``forward(q, k, v, *, scale, mask, is_causal) -> (out, lse)``: ``lse`` float32 (float64 for float64
   input) ``(B, H, Sq)`` contiguous, -inf on rows that see no key; ``out (B, H, Sq, D)`` in the backend's
   ``out_dtype`` ("float32": the statistics dtype; "q": q's dtype, as the fused CUDA ops return it), any
-  strides. The registry casts ``out`` to float32 (float64) so partials merge in float32.
+  strides, returned as is (partials are merged into float32 accumulators by :mod:`seqpar.ops.tiled`).
 - ``backward(dout, q, k, v, out, lse, *, scale, mask, is_causal) -> (dq, dk, dv)`` given the *global*
   ``out``/``lse`` of the block's query rows (``lse`` finite: -inf rows replaced by 0 by the registry);
   grads in ``out_dtype``, cast to float32 by the registry. ``dk, dv`` have K/V's ``H_kv`` heads.

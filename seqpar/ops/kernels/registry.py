@@ -19,8 +19,9 @@ Dispatch rules (per block call; the block loop in :mod:`seqpar.ops.tiled` passes
    warning per backend. The result is never a partial or wrong one: a backend returns or raises.
 
 Contract of :func:`attention_forward` / :func:`attention_backward`: see :mod:`seqpar.ops.kernels.common`;
-``out``, ``dq``, ``dk``, ``dv`` are returned in float32 (float64 for float64 input) whatever the backend's
-native dtype, ``lse`` float32 ``(B, H, Sq)`` contiguous with -inf exactly on rows that see no key.
+``lse`` float32 ``(B, H, Sq)`` contiguous with -inf exactly on rows that see no key; ``out`` in the backend's
+native dtype (q's dtype for the fused CUDA ops, else float32 / float64); ``dq``, ``dk``, ``dv`` in float32
+(float64) whatever the backend, since callers sum them over blocks and sources.
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ def attention_forward(
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q (B, H, Sq, D)`` over ``k, v (B, H_kv, Sk, D)``: ``(out, lse)``, float32 (float64)."""
+    """Attention of ``q (B, H, Sq, D)`` over ``k, v (B, H_kv, Sk, D)``: ``(out, lse)``; ``lse`` float32 (float64),
+    ``out`` in the backend's ``out_dtype``: q's dtype from the fused CUDA ops (no extra pass over it; callers
+    merging partials upcast once, as :func:`seqpar.ops.tiled.tiled_forward` does), else float32 (float64)."""
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     kind = mask_kind(mask, is_causal)
     found = candidates(q, k, v, kind)
@@ -232,9 +235,6 @@ def attention_forward(
             if i + 1 == len(found):
                 raise
             _drop(kind, q, k, v, kern, err, found[i + 1], "forward")
-    sd = stat_dtype(q.dtype)
-    if out.dtype != sd:
-        out = out.to(sd)
     valid = _row_valid(mask)
     if valid is not None:  # the fused ops report lse 0 (CPU, efficient 2.5+) on fully masked rows
         lse = torch.where(valid, lse, torch.full_like(lse, NEG_INF))
