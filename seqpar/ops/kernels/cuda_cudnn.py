@@ -17,9 +17,9 @@ backward           LSE in the rank the forward returned in this torch version, c
                    philox tensors; attn_bias None
 determinism        never deterministic: refused under ``torch.use_deterministic_algorithms(True)``
 torch              2.5+ (2.4's schema has no LSE flag and a different backward order; not wrapped)
-order              first where torch itself prefers cuDNN (sm90 / sm100 / sm103, torch >= 2.9, unless
-                   ``TORCH_CUDNN_SDPA_DEPRIORITIZED=1``), else after flash / efficient (select it explicitly
-                   with ``SEQPAR_KERNEL=cuda_cudnn,...``)
+order              first on sm90 / sm100 / sm103 with torch >= 2.9 (where recent torch's sdp_utils ranks cuDNN
+                   first too, ``check_prefer_cudnn_attention``; 1.8-1.9x flash on H100) unless
+                   ``TORCH_CUDNN_SDPA_DEPRIORITIZED=1``; elsewhere only when named (``SEQPAR_KERNEL=cuda_cudnn,...``)
 =================  ==========================================================================================
 
 Sources: ``shared/reference/cuda-sdpa-ops.md`` sections 1, 2, 5.3, pitfalls 1-6.
@@ -108,7 +108,8 @@ def _available() -> str | None:
 
 
 def preferred(device: torch.device) -> bool:
-    """Whether torch itself ranks cuDNN attention first on this device (sdp_utils ``check_prefer_cudnn_attention``)."""
+    """Whether seqpar puts cuDNN first on this device by default (as sdp_utils ``check_prefer_cudnn_attention`` does
+    on sm90/sm10x in recent torch; the cuDNN-version condition there is not checked here)."""
     if device.type != "cuda" or os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED") == "1" or torch_version() < (2, 9):
         return False
     return torch.cuda.get_device_capability(device) in ((9, 0), (10, 0), (10, 3))

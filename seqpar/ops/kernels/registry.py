@@ -13,8 +13,8 @@ Dispatch rules (per block call; the block loop in :mod:`seqpar.ops.tiled` passes
    partly), GQA, deterministic mode, or ``torch.nn.attention.sdpa_kernel`` having switched its SDPA
    backend off. So on CUDA unmasked and diagonal-causal blocks go to cuDNN / flash, blocks a window,
    document or padding mask cuts partly to ``cuda_efficient`` (additive bias), float64 to blockwise.
-3. The choice is cached per block signature (device, dtype, heads, head dims, mask kind, Sq == Sk,
-   SDPA switches, deterministic mode): one dict lookup per call.
+3. The choice is cached per block signature (device, dtype, q/k shapes, mask kind, SDPA switches,
+   deterministic mode): one dict lookup per call.
 4. An op that raises is dropped for that signature and the next candidate runs the same block; one
    warning per backend. The result is never a partial or wrong one: a backend returns or raises.
 
@@ -160,11 +160,12 @@ _cudnn_on, _deterministic = torch._C._get_cudnn_sdp_enabled, torch._C._get_deter
 
 def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> tuple[Kernel, ...]:
     """The backends that may run this block, best first (the last one, blockwise, runs anything)."""
-    qs, ks = q.shape, k.shape
-    key = (q.device, q.dtype, qs[1], ks[1], qs[2] == ks[2], ks[2] == 1, qs[-1], v.shape[-1], kind,
-           _flash_on(), _efficient_on(), _cudnn_on(), _deterministic())
+    key = (q.device, q.dtype, q.shape, k.shape, v.shape[-1], kind,
+           _flash_on(), _efficient_on(), _cudnn_on(), _deterministic())  # whole shapes: cheapest to hash
     found = _state.cache.get(key)
     if found is None:
+        if len(_state.cache) > 4096:  # many distinct block shapes (variable lengths): start over
+            _state.cache.clear()
         order = _resolve()
         found = tuple(
             kern for kern in (BACKENDS[n] for n in order)
@@ -179,7 +180,7 @@ def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> 
 def _drop(kind: str, q, k, v, kern: Kernel, err: Exception, nxt: Kernel, phase: str) -> None:
     """``kern`` raised: never use it again for blocks of this signature; warn once per backend."""
     for key, found in list(_state.cache.items()):
-        if kern in found and key[0] == q.device and key[1] == q.dtype and key[8] == kind:
+        if kern in found and key[0] == q.device and key[1] == q.dtype and key[5] == kind:
             _state.cache[key] = tuple(x for x in found if x is not kern)
     if kern.name not in _state.warned:
         _state.warned.add(kern.name)
@@ -192,7 +193,7 @@ def _drop(kind: str, q, k, v, kern: Kernel, err: Exception, nxt: Kernel, phase: 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     """Fused ops read rows as if ``stride(-1) == 1`` (the CPU op returns garbage otherwise)."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    return t if t.is_contiguous() or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def _row_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
