@@ -122,6 +122,12 @@ def max_err(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None = None) 
 # --- 1. backends vs the float64 formula -------------------------------------------------------------
 
 
+def _backends_for(dev: torch.device) -> list[str]:
+    """The backends available here that run tensors of ``dev``."""
+    return [r["name"] for r in kernels.describe()
+            if r["available"] and (dev.type in r["devices"] or "any" in r["devices"])]
+
+
 def _cases(small: bool):
     s = 48 if small else 1024
     w = 12 if small else 160
@@ -175,7 +181,7 @@ def section_backends(dev, small, budget) -> list[dict]:
     rows = []
     cases, s = _cases(small)
     b, h, d = 2, 4, (16 if small else 64)
-    names = ["auto"] + [r["name"] for r in kernels.describe() if r["available"]]
+    names = ["auto"] + _backends_for(dev)
     for case, dtype, hkv, causal, window, documents, padding in cases:
         gen = torch.Generator().manual_seed(len(rows))
         q = torch.randn(b, h, s, d, generator=gen).to(dtype)
@@ -401,7 +407,7 @@ def section_throughput(dev, small, budget) -> dict:
     b, h, d = 1, (4 if small else 16), (32 if small else 128)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     sizes = (256, 512) if small else (8192, 32768)
-    fused = [r["name"] for r in kernels.describe() if r["available"] and r["name"] != "blockwise"]
+    fused = [n for n in _backends_for(dev) if n != "blockwise"]
     rows = []
     for s in sizes:
         gen = torch.Generator().manual_seed(s)
@@ -468,7 +474,6 @@ def section_throughput(dev, small, budget) -> dict:
                     f"{auto.get('tflops', float('nan')):.4g} TF/s, SDPA best ({best[1]}) "
                     f"{best[0] or float('nan'):.4g} TF/s, ratio {row.get('ratio_vs_best_sdpa', float('nan')):.3f}"
                     f"{'  H100 anchor ' + json.dumps(row['h100_anchor_tflops']) if anchor else ''}")
-        del q, k, v, dout
     return {"rows": rows}
 
 
@@ -553,11 +558,11 @@ def section_shards(dev, small, budget) -> dict:
                                                        "sdpa_cudnn_ms")}
     except Exception as e:  # noqa: BLE001 - reported
         res["error"] = err_info(e)
-    log(f"  [4] P={p} S={s}: loop {res.get('loop_ms', float('nan')):.4g} ms vs SDPA {res.get('sdpa_ms', float('nan')):.4g}"
-        f" ms (ratio {res.get('ratio_loop_vs_sdpa', float('nan')):.3f}), merges {res.get('merge_share', float('nan')):.1%}"
-        f", merges+bookkeeping {res.get('merge_and_bookkeeping_share', float('nan')):.1%}"
-        f"{', compiled merges %.3g ms' % res['merges_compiled_ms'] if 'merges_compiled_ms' in res else ''}"
-        f" {res.get('error', '')}")
+    nan = float("nan")
+    compiled = f", compiled merges {res['merges_compiled_ms']:.3g} ms" if "merges_compiled_ms" in res else ""
+    log(f"  [4] P={p} S={s}: loop {res.get('loop_ms', nan):.4g} ms vs SDPA {res.get('sdpa_ms', nan):.4g} ms"
+        f" (ratio {res.get('ratio_loop_vs_sdpa', nan):.3f}), merges {res.get('merge_share', nan):.1%}"
+        f", merges+bookkeeping {res.get('merge_and_bookkeeping_share', nan):.1%}{compiled} {res.get('error', '')}")
     return res
 
 
