@@ -6,9 +6,10 @@
 Four sections (``--sections 1,2,3,4``); each records errors as data and never stops the run:
 
 1. ``backends``: every backend available here (``seqpar.ops.kernels.describe()``) and the registry's own
-   choice ("auto") through seqpar's block loop (keys split in two, merged, backward with the global
-   out/LSE) against the float64 formula, forward and dq/dk/dv: bf16, fp16, fp32, GQA, causal, sliding
-   window, documents, key padding with fully masked rows (0, never NaN); next to single-device SDPA's error
+   choice ("auto") through seqpar's block loop (queries and keys split in two as on two ranks, partials
+   merged, backward with the global out/LSE) against the float64 formula, forward and dq/dk/dv: bf16, fp16,
+   fp32, GQA, causal, sliding window, documents, key padding with fully masked rows (0, never NaN), and
+   ``is_causal`` with Sq != Sk (top-left); next to single-device SDPA's error
    on the same inputs. ``blocks`` shows which backend ran each block.
 2. ``strategies``: ``seqpar.attention`` with strategy allreduce / ring / allgather at W = 2, 3, 4 ranks, all on
    this one device, over gloo (CUDA tensors on a GPU: NCCL refuses two ranks per GPU), bf16, forward and
@@ -157,24 +158,36 @@ def _tokens_for(s: int, b: int, documents: bool, padding: bool, gen: torch.Gener
     return Tokens(pos, doc, keep)
 
 
+def _halves(n: int) -> list[tuple[int, int]]:
+    return [(0, n // 2), (n // 2, n)]
+
+
 def _seqpar_split(q, k, v, dout, qt, kt, spec, scale):
-    """seqpar's block loop with the keys in two halves: forward merged into one accumulator, backward per half
-    with the global out/lse (as the ring does)."""
-    sk = k.shape[2]
-    halves = [(0, sk // 2), (sk // 2, sk)]
-    acc = None
-    for a, b in halves:
-        acc = tiled_forward(q, k[:, :, a:b], v[:, :, a:b], qt, kt.slice(a, b), spec, scale, acc)
-    out, lse = acc
+    """seqpar's block loop as two ranks would run it: queries and keys in two halves each; per query half the
+    key halves' partials merged into one accumulator, then the backward of every pair with the global out/lse
+    (as the ring does). Causal: diagonal, full and skipped pairs; masks: pairs cut by them."""
+    sq, sk = q.shape[2], k.shape[2]
+    outs, lses = [], []
+    for a, b in _halves(sq):
+        acc = None
+        for c, d in _halves(sk):
+            acc = tiled_forward(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], qt.slice(a, b), kt.slice(c, d), spec, scale,
+                                acc)
+        outs.append(acc[0].float())
+        lses.append(acc[1])
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
     out_q = out.to(q.dtype)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dks, dvs = [], []
-    for a, b in halves:
-        gq, gk, gv = tiled_backward(dout, q, k[:, :, a:b], v[:, :, a:b], out_q, lse, qt, kt.slice(a, b), spec, scale)
-        dq += gq
-        dks.append(gk)
-        dvs.append(gv)
-    return out, lse, dq, torch.cat(dks, 2), torch.cat(dvs, 2)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for a, b in _halves(sq):
+        for c, d in _halves(sk):
+            gq, gk, gv = tiled_backward(dout[:, :, a:b], q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], out_q[:, :, a:b],
+                                        lse[:, :, a:b], qt.slice(a, b), kt.slice(c, d), spec, scale)
+            dq[:, :, a:b] += gq
+            dk[:, :, c:d] += gk
+            dv[:, :, c:d] += gv
+    return out, lse, dq, dk, dv
 
 
 def section_backends(dev, small, budget) -> list[dict]:
@@ -198,7 +211,7 @@ def section_backends(dev, small, budget) -> list[dict]:
         r_out, r_lse, r_grads = r_out.detach().cpu(), r_lse.cpu(), [t.cpu() for t in r_grads]
         seen = ~torch.isneginf(r_lse)  # rows that see at least one key
         # single-device SDPA on the same rounded inputs (math on CPU; on GPU whichever SDPA picks)
-        qs, ks, vs = (t.to(dev).requires_grad_() for t in (q, k, v))
+        qs, ks, vs = (t.to(dev).detach().requires_grad_() for t in (q, k, v))
         sdpa_mask = None if mask is None else mask.to(dev)
         try:
             with warnings.catch_warnings():
@@ -223,10 +236,10 @@ def section_backends(dev, small, budget) -> list[dict]:
             try:
                 with ctx, warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    sk = kd.shape[2]
                     row["blocks"] = dict(Counter(
-                        n for a, b_ in ((0, sk // 2), (sk // 2, sk))
-                        for _, n in block_kernels(qd, kd[:, :, a:b_], vd[:, :, a:b_], tok_d, tok_d.slice(a, b_), spec)))
+                        n for a, b_ in _halves(s) for c, d_ in _halves(s)
+                        for _, n in block_kernels(qd[:, :, a:b_], kd[:, :, c:d_], vd[:, :, c:d_], tok_d.slice(a, b_),
+                                                  tok_d.slice(c, d_), spec)))
                     out, lse, dq, dk, dv = _seqpar_split(qd, kd, vd, dd, tok_d, tok_d, spec, scale)
                     sync(dev)
                 row["fallback_warnings"] = [str(w.message) for w in caught if "seqpar: kernel" in str(w.message)]
@@ -240,8 +253,10 @@ def section_backends(dev, small, budget) -> list[dict]:
                 row["fully_masked_rows_ok"] = bool((out[dead] == 0).all() and torch.isneginf(lse[dead]).all()
                                                    and (dq[dead] == 0).all())
                 floor = ERR_FLOOR[dtype]
-                lim_out = max(2 * sdpa.get("err_out", 0.0), floor)
-                lim_grad = max(2 * sdpa.get("err_grads", 0.0), 4 * floor)
+                s_out_err, s_grad_err = (x if math.isfinite(x) else 0.0  # SDPA's NaN on empty rows: floor only
+                                         for x in (sdpa.get("err_out", 0.0), sdpa.get("err_grads", 0.0)))
+                lim_out = max(2 * s_out_err, floor)
+                lim_grad = max(2 * s_grad_err, 4 * floor)
                 row["ok"] = (not row["nan"] and row["fully_masked_rows_ok"] and row["err_out"] <= lim_out
                              and max(row["err_dq"], row["err_dk"], row["err_dv"]) <= lim_grad)
             except Exception as e:  # noqa: BLE001 - reported
@@ -310,7 +325,7 @@ def _strategy_rank(rank, world, port, dev_name, small, outdir):
             r_out = reference.attention(q64, k64, v64, mask=mask)[0]
             r_grads = torch.autograd.grad(r_out, (q64, k64, v64), g.to(dev).double())
             r_out, r_grads = r_out.detach().cpu(), [t.cpu() for t in r_grads]
-            qs, ks, vs = (t.to(dev).requires_grad_() for t in (q, k, v))
+            qs, ks, vs = (t.to(dev).detach().requires_grad_() for t in (q, k, v))
             s_out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
             s_grads = torch.autograd.grad(s_out, (qs, ks, vs), g.to(dev))
             layout = "zigzag" if causal else "contiguous"

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "gpu_check.py")
 
 
@@ -51,3 +53,37 @@ def test_gpu_check_small_on_cpu(tmp_path):
     summary = res["summary"]
     assert summary["backends_all_ok"] and summary["strategies_all_ok"]
     assert summary["bf16_err_ratio_w4_max"] is not None
+
+
+def test_gpu_check_backends_section_with_emulated_cuda_ops(monkeypatch):
+    """Section 1 with the CUDA backends running emulated ops on CPU (tests/fake_cuda_ops.py): the registry's
+    choice ("auto") sends unmasked / diagonal blocks to flash and mask-cut blocks to efficient, and every
+    case matches the float64 formula -- the script's GPU path short of the GPU."""
+    import importlib.util
+
+    import fake_cuda_ops as fake
+
+    from seqpar.ops import kernels
+    from seqpar.ops.kernels import registry
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "_backends_for", lambda dev: [])  # "auto" only
+    fake.install(monkeypatch)
+    kernels.reset()
+    try:
+        with registry.pretend_available("cuda_flash", "cuda_efficient", "cuda_cudnn", device="cpu"):
+            kernels.configure(exclude=("cpu_flash",))
+            rows = gpu_check.section_backends(torch.device("cpu"), True, gpu_check.Budget(120))
+    finally:
+        kernels.reset()
+    by_case = {r["case"]: r for r in rows}
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert set(by_case["bf16"]["blocks"]) == {"cuda_flash"}
+    assert set(by_case["bf16_gqa_causal"]["blocks"]) == {"cuda_flash"}
+    assert set(by_case["fp32"]["blocks"]) == {"cuda_efficient"}
+    for case in ("bf16_window_causal", "bf16_documents_causal", "bf16_padding_fully_masked_rows"):
+        assert "cuda_efficient" in by_case[case]["blocks"], by_case[case]["blocks"]
+    assert by_case["bf16_padding_fully_masked_rows"]["fully_masked_rows_ok"]
+    assert not any(r.get("fallback_warnings") for r in rows)
