@@ -79,6 +79,8 @@ def _refuses(q, k, v, kind):
     d, align = q.shape[-1], (4 if q.dtype == torch.float32 else 8)
     if d % align or v.shape[-1] % align:
         return f"head dim {d}/{v.shape[-1]} (needs a multiple of {align})"
+    if q.dtype == torch.bfloat16 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "bf16 needs sm80+"
     if not torch.backends.cuda.mem_efficient_sdp_enabled():
         return "EFFICIENT_ATTENTION disabled by torch.nn.attention.sdpa_kernel"
     return None
