@@ -15,8 +15,9 @@ Dispatch rules (per block call; the block loop in :mod:`seqpar.ops.tiled` passes
    document or padding mask cuts partly to ``cuda_efficient`` (additive bias), float64 to blockwise.
 3. The choice is cached per block signature (device, dtype, q/k shapes, mask kind, SDPA switches,
    deterministic mode): one dict lookup per call.
-4. An op that raises is dropped for that signature and the next candidate runs the same block; one
-   warning per backend. The result is never a partial or wrong one: a backend returns or raises.
+4. An op that raises is dropped for blocks of that device, dtype and mask kind, and the next candidate
+   runs the same block; one warning per backend. The result is never a partial one: a backend returns or
+   raises.
 
 Contract of :func:`attention_forward` / :func:`attention_backward`: see :mod:`seqpar.ops.kernels.common`;
 ``lse`` float32 ``(B, H, Sq)`` contiguous with -inf exactly on rows that see no key; ``out`` in the backend's
@@ -53,6 +54,7 @@ class _State:
         self.cache: dict = {}
         self.available: dict[str, str | None] = {}
         self.warned: set[str] = set()
+        self.failed: set[tuple] = set()  # (backend, device, dtype, mask kind) whose op raised
 
 
 _state = _State()
@@ -170,6 +172,7 @@ def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> 
         found = tuple(
             kern for kern in (BACKENDS[n] for n in order)
             if kern.name not in _state.excluded and _on_device(kern, q.device) and _why_unavailable(kern) is None
+            and (kern.name, q.device, q.dtype, kind) not in _state.failed
             and (_state.explicit or kern.default_on(q.device))
             and kern.refuses(q, k, v, kind) is None
         )
@@ -177,11 +180,11 @@ def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> 
     return found
 
 
-def _drop(kind: str, q, k, v, kern: Kernel, err: Exception, nxt: Kernel, phase: str) -> None:
-    """``kern`` raised: never use it again for blocks of this signature; warn once per backend."""
-    for key, found in list(_state.cache.items()):
-        if kern in found and key[0] == q.device and key[1] == q.dtype and key[5] == kind:
-            _state.cache[key] = tuple(x for x in found if x is not kern)
+def _drop(kind: str, q: torch.Tensor, kern: Kernel, err: Exception, nxt: Kernel, phase: str) -> None:
+    """``kern`` raised: not used again for blocks of this device, dtype and mask kind (until :func:`reset`);
+    one warning per backend."""
+    _state.failed.add((kern.name, q.device, q.dtype, kind))
+    _state.cache.clear()
     if kern.name not in _state.warned:
         _state.warned.add(kern.name)
         msg = str(err).strip().splitlines()
@@ -235,7 +238,7 @@ def attention_forward(
         except Exception as err:
             if i + 1 == len(found):
                 raise
-            _drop(kind, q, k, v, kern, err, found[i + 1], "forward")
+            _drop(kind, q, kern, err, found[i + 1], "forward")
     valid = _row_valid(mask)
     if valid is not None:  # the fused ops report lse 0 (CPU, efficient 2.5+) on fully masked rows
         lse = torch.where(valid, lse, torch.full_like(lse, NEG_INF))
@@ -273,7 +276,7 @@ def attention_backward(
         except Exception as err:
             if i + 1 == len(found):
                 raise
-            _drop(kind, q, k, v, kern, err, found[i + 1], "backward")
+            _drop(kind, q, kern, err, found[i + 1], "backward")
     sd = stat_dtype(q.dtype)
     return tuple(g if g.dtype == sd else g.to(sd) for g in grads)
 
