@@ -122,8 +122,10 @@ def test_meta_contract_through_registry(monkeypatch, backend, hkv, sq, sk, kind,
             if isinstance(t, torch.Tensor) and t.dim() == 4 and t.dtype == dtype:
                 assert t.stride(-1) == 1
     fwd_args, bwd_args = seen[0][1], seen[1][1]
+    assert fwd_args[1].is_contiguous() and fwd_args[2].is_contiguous()  # K/V contiguous (torch CP's finding)
     names = common.schema_at(mod.SCHEMAS[mod.OPS[1]], common.TORCH_VERSION)
     got = dict(zip(names, bwd_args))
+    assert got["key"].is_contiguous() and got["value"].is_contiguous()
     lse_in = got["logsumexp"]
     assert lse_in.dtype == torch.float32 and lse_in.is_contiguous()
     if backend == "cuda_efficient":

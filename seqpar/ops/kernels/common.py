@@ -102,9 +102,10 @@ def in_dtype(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, H_kv, S, D) -> (B, H, S, D), materialised (expanded K/V give wrong results, pytorch #191937)."""
+    """(B, H_kv, S, D) -> (B, H, S, D), materialised and contiguous (expanded K/V give wrong results, pytorch
+    #191937; torch CP makes K/V contiguous: "Without making key and value contiguous(), the loss curve is bad")."""
     g = heads // t.shape[1]
-    return t if g == 1 else t.repeat_interleave(g, dim=1)
+    return t.contiguous() if g == 1 else t.repeat_interleave(g, dim=1)
 
 
 def sum_groups(t: torch.Tensor, hkv: int) -> torch.Tensor:

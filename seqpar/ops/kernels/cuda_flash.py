@@ -7,6 +7,7 @@ masks              none, or ``is_causal`` on diagonal blocks only: with Sq != Sk
 GQA                native (H % H_kv == 0; dK/dV summed over groups inside the kernel)
 LSE                (B, H, Sq) float32 contiguous; +inf on rows that see no key -> -inf here
 out / grads        q's dtype (rounded before the float32 merge)
+K/V                made contiguous (torch CP: "Without making key and value contiguous(), the loss curve is bad")
 backward           reads LSE by pointer (no checks): float32, contiguous (B, H, Sq); out/dout in q's dtype,
                    contiguous; cum_seq None, max_q/max_k = Sq/Sk (unused on the dense path); rng tensors are
                    only read with dropout: int64 scalars up to torch 2.6, uint64 (2,) + () from 2.7
@@ -48,14 +49,15 @@ def rng_placeholders(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward(q, k, v, *, scale, mask=None, is_causal=False):
     assert mask is None and (not is_causal or q.shape[2] == k.shape[2]), "flash: no mask, causal only if Sq == Sk"
-    args = dict(query=q, key=k, value=v, dropout_p=0.0, is_causal=is_causal, return_debug_mask=False)
+    args = dict(query=q, key=k.contiguous(), value=v.contiguous(), dropout_p=0.0, is_causal=is_causal,
+                return_debug_mask=False)
     r = call(_op(0), SCHEMAS[OPS[0]], args, scale=scale)
     return r[0], lse_from_flash(r[1])
 
 
 def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
     seed, offset = rng_placeholders(q.device)
-    args = dict(grad_out=in_dtype(dout, q), query=q, key=k, value=v, out=in_dtype(out, q),
+    args = dict(grad_out=in_dtype(dout, q), query=q, key=k.contiguous(), value=v.contiguous(), out=in_dtype(out, q),
                 logsumexp=lse.float().contiguous(), cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2],
                 max_k=k.shape[2], dropout_p=0.0, is_causal=is_causal, philox_seed=seed, philox_offset=offset)
     dq, dk, dv = call(_op(1), SCHEMAS[OPS[1]], args, scale=scale)
