@@ -349,3 +349,35 @@ def test_q_dtype_partials_merge_in_float32(emulated):
     tot = torch.logaddexp(l0.double(), l1.double())
     want = o0.double() * torch.exp(l0 - tot)[..., None] + o1.double() * torch.exp(l1 - tot)[..., None]
     assert _err(out, want) < 1e-6 and _err(lse, tot) < 1e-6  # a bf16 accumulator is off by ~1e-3
+
+
+def test_torch_sdpa_gate_is_asked(emulated, monkeypatch):
+    """On CUDA the registry asks torch.backends.cuda.can_use_{flash,cudnn}_attention before using the op
+    (here on CPU tensors through the test hook): refused -> next backend; a gate that raises is no verdict."""
+    monkeypatch.setattr(common, "SDP_CHECK_DEVICES", ("cpu",))
+    seen = []
+
+    def gate(answer):
+        def can_use(params, debug=False):
+            seen.append((params.is_causal, params.enable_gqa, params.key.shape[1]))
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        return can_use
+
+    q, k, v, _ = _problem(8, 8, hkv=2)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", gate(False))
+    kernels.configure(exclude=("cpu_flash",))
+    assert kernels.candidates(q, k, v, "causal")[0].name == "cuda_efficient"
+    assert seen == [(True, True, 2)]  # causal and GQA passed on, K/V not repeated
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", gate(True))
+    kernels.configure(exclude=("cpu_flash",))
+    assert kernels.candidates(q, k, v, "none")[0].name == "cuda_flash"
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", gate(RuntimeError("no verdict")))
+    kernels.configure(exclude=("cpu_flash",))
+    assert kernels.candidates(q, k, v, "none")[0].name == "cuda_flash"
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", gate(False))
+    kernels.configure(order=("cuda_cudnn", "cuda_flash"))
+    asked = len(seen)
+    assert kernels.candidates(q, k, v, "none")[0].name == "cuda_flash"
+    assert len(seen) == asked + 2  # the cuDNN gate (refusing), then flash's

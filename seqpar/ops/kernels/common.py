@@ -96,6 +96,30 @@ def cuda_available(op_names: tuple[str, ...], min_torch: tuple[int, int], min_sm
     return None
 
 
+SDP_CHECK_DEVICES = ("cuda",)  # where torch's own SDPA gate is asked (tests add "cpu" with a patched gate)
+
+
+def sdp_refuses(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
+    """Ask torch's SDPA gate (``torch.backends.cuda.can_use_<backend>_attention``: arch, head dim per arch, cuDNN
+    version, layouts, ``sdpa_kernel`` switches) before calling the op, so that what torch would not run is not
+    tried (an unsupported CUDA call may not fail cleanly). None: allowed, or the gate is unavailable/raised."""
+    if q.device.type not in SDP_CHECK_DEVICES:
+        return None
+    gate = getattr(torch.backends.cuda, f"can_use_{backend}_attention", None)
+    if gate is None:
+        return None
+    k, v = k.contiguous(), v.contiguous()  # as the wrappers pass them
+    try:
+        if torch_version() >= (2, 5):
+            params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, is_causal, k.shape[1] != q.shape[1])
+        else:
+            params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, is_causal)
+        ok = gate(params, False)
+    except Exception:  # noqa: BLE001 - no verdict: the op itself decides (and the registry falls back on errors)
+        return None
+    return None if ok else f"torch.backends.cuda.can_use_{backend}_attention refuses these inputs"
+
+
 def in_dtype(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``t`` in q's dtype and contiguous (the fused backwards need out/dout like that)."""
     return t.to(q.dtype).contiguous()

@@ -11,7 +11,9 @@ GQA                from torch 2.9 (accepted by sdp_utils, dK/dV allocated like K
 LSE                (B, H, Sq) float32 in torch 2.5 - 2.8, (B, H, Sq, 1) from 2.9 -> (B, H, Sq) contiguous here;
                    +inf on empty rows (unverified) -> -inf
 out / grads        q's dtype
-K/V                made contiguous (torch CP: "Without making key and value contiguous(), the loss curve is bad")
+Q/K/V              made contiguous (torch CP: "Without making key and value contiguous(), the loss curve is bad";
+                   and sdp_utils' cuDNN layout checks)
+gate               ``torch.backends.cuda.can_use_cudnn_attention`` is asked per block shape before the op runs
 backward           LSE in the rank the forward returned in this torch version, contiguous; out and dout
                    contiguous (cuDNN < 9.5.1 asserts on differing strides, pytorch #134001 / #176915);
                    max_q/max_k = the true Sq/Sk (used as s_q/s_kv and in the graph cache); defined int64
@@ -39,6 +41,7 @@ from seqpar.ops.kernels.common import (
     in_dtype,
     lse_for_cudnn_backward,
     lse_from_cudnn,
+    sdp_refuses,
     torch_version,
 )
 
@@ -65,7 +68,7 @@ def _op(i: int):
 
 def forward(q, k, v, *, scale, mask=None, is_causal=False):
     assert mask is None, "cudnn: masked blocks go to cuda_efficient"
-    args = dict(query=q, key=k.contiguous(), value=v.contiguous(), attn_bias=None, compute_log_sumexp=True,
+    args = dict(query=q.contiguous(), key=k.contiguous(), value=v.contiguous(), attn_bias=None, compute_log_sumexp=True,
                 dropout_p=0.0, is_causal=is_causal, return_debug_mask=False)
     r = call(_op(0), SCHEMAS[OPS[0]], args, scale=scale)
     return r[0], lse_from_cudnn(r[1], q)
@@ -73,7 +76,8 @@ def forward(q, k, v, *, scale, mask=None, is_causal=False):
 
 def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
     seed = torch.empty((), dtype=torch.int64, device=q.device)
-    args = dict(grad_out=in_dtype(dout, q), query=q, key=k.contiguous(), value=v.contiguous(), out=in_dtype(out, q),
+    args = dict(grad_out=in_dtype(dout, q), query=q.contiguous(), key=k.contiguous(), value=v.contiguous(),
+                out=in_dtype(out, q),
                 logsumexp=lse_for_cudnn_backward(lse), philox_seed=seed, philox_offset=seed, attn_bias=None,
                 cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0, is_causal=is_causal)
     dq, dk, dv = call(_op(1), SCHEMAS[OPS[1]], args, scale=scale)
@@ -98,7 +102,7 @@ def _refuses(q, k, v, kind):
         return "deterministic algorithms requested (cuDNN attention is not deterministic)"
     if not torch.backends.cuda.cudnn_sdp_enabled():
         return "CUDNN_ATTENTION disabled by torch.nn.attention.sdpa_kernel"
-    return None
+    return sdp_refuses("cudnn", q.contiguous(), k, v, kind == "causal")
 
 
 def _available() -> str | None:

@@ -8,6 +8,7 @@ GQA                native (H % H_kv == 0; dK/dV summed over groups inside the ke
 LSE                (B, H, Sq) float32 contiguous; +inf on rows that see no key -> -inf here
 out / grads        q's dtype (rounded before the float32 merge)
 K/V                made contiguous (torch CP: "Without making key and value contiguous(), the loss curve is bad")
+gate               ``torch.backends.cuda.can_use_flash_attention`` is asked per block shape before the op runs
 backward           reads LSE by pointer (no checks): float32, contiguous (B, H, Sq); out/dout in q's dtype,
                    contiguous; cum_seq None, max_q/max_k = Sq/Sk (unused on the dense path); rng tensors are
                    only read with dropout: int64 scalars up to torch 2.6, uint64 (2,) + () from 2.7
@@ -22,7 +23,15 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.ops.kernels.common import Kernel, call, cuda_available, in_dtype, lse_from_flash, torch_version
+from seqpar.ops.kernels.common import (
+    Kernel,
+    call,
+    cuda_available,
+    in_dtype,
+    lse_from_flash,
+    sdp_refuses,
+    torch_version,
+)
 
 OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward")
 _BWD = ("grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
@@ -76,7 +85,7 @@ def _refuses(q, k, v, kind):
         return "causal with Sq != Sk (flash's causal is bottom-right)"
     if not torch.backends.cuda.flash_sdp_enabled():
         return "FLASH_ATTENTION disabled by torch.nn.attention.sdpa_kernel"
-    return None
+    return sdp_refuses("flash", q, k, v, kind == "causal")
 
 
 KERNEL = Kernel(

@@ -13,8 +13,9 @@ Dispatch rules (per block call; the block loop in :mod:`seqpar.ops.tiled` passes
    partly), GQA, deterministic mode, or ``torch.nn.attention.sdpa_kernel`` having switched its SDPA
    backend off. So on CUDA unmasked and diagonal-causal blocks go to cuDNN / flash, blocks a window,
    document or padding mask cuts partly to ``cuda_efficient`` (additive bias), float64 to blockwise.
-3. The choice is cached per block signature (device, dtype, q/k shapes, mask kind, SDPA switches,
-   deterministic mode): one dict lookup per call.
+3. The choice is cached per block signature (device, dtype, q/k shapes, q strides, mask kind, SDPA
+   switches, deterministic mode): one dict lookup per call. On CUDA, torch's own gate
+   (``torch.backends.cuda.can_use_flash_attention`` / ``_cudnn_``) is asked once per signature.
 4. An op that raises is dropped for blocks of that device, dtype and mask kind, and the next candidate
    runs the same block; one warning per backend. The result is never a partial one: a backend returns or
    raises.
@@ -162,7 +163,7 @@ _cudnn_on, _deterministic = torch._C._get_cudnn_sdp_enabled, torch._C._get_deter
 
 def candidates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> tuple[Kernel, ...]:
     """The backends that may run this block, best first (the last one, blockwise, runs anything)."""
-    key = (q.device, q.dtype, q.shape, k.shape, v.shape[-1], kind,
+    key = (q.device, q.dtype, q.shape, q.stride(), k.shape, v.shape[-1], kind,
            _flash_on(), _efficient_on(), _cudnn_on(), _deterministic())  # whole shapes: cheapest to hash
     found = _state.cache.get(key)
     if found is None:
