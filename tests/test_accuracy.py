@@ -7,12 +7,10 @@ strategy (vs the float64 reference on the same bf16 inputs) stays within ``RATIO
 ``torch.nn.functional.scaled_dot_product_attention`` on the full bf16 inputs, in mean and in max
 over a few seeds; and the error at W=4 stays within ``RATIO`` x the error at W=2.
 Both local kernels are checked: ``cpu_flash`` (the default on CPU) and ``blockwise`` (the fallback
-used on other devices; forced with ``SEQPAR_KERNEL=blockwise``).
+used on other devices; forced with ``seqpar.ops.kernels.use("blockwise")``).
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -31,38 +29,31 @@ def run_errors(rank, world_size):
     import torch.nn.functional as F
 
     import seqpar
-    from seqpar.ops import reference
+    from seqpar.ops import kernels, reference
 
     res = {}
-    old = os.environ.get("SEQPAR_KERNEL")
-    try:
-        for seq_len in LENGTHS:
-            for seed in SEEDS:
-                gen = torch.Generator().manual_seed(seed)
-                q = torch.randn(B, H, seq_len, D, generator=gen).bfloat16()
-                k = torch.randn(B, H_KV, seq_len, D, generator=gen).bfloat16()
-                v = torch.randn(B, H_KV, seq_len, D, generator=gen).bfloat16()
-                for is_causal in (False, True):
-                    ref = reference.attention(q, k, v, mask=reference.sequence_mask(seq_len, is_causal=is_causal))[0]
-                    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
-                    es = (sdpa.double() - ref).abs()
-                    layout = "zigzag" if is_causal else "contiguous"
-                    idx = expected_positions(seq_len, world_size, rank, layout)
-                    for kernel in KERNELS:
-                        os.environ["SEQPAR_KERNEL"] = kernel
-                        for strategy in STRATEGIES:
-                            out = seqpar.attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], is_causal=is_causal,
-                                                   layout=layout, strategy=strategy)
-                            assert out.dtype == torch.bfloat16
-                            e = (out.double() - ref[:, :, idx]).abs()
-                            res[(kernel, strategy, is_causal, seq_len, seed)] = (
-                                float(e.sum()), e.numel(), float(e.max()), float(es.mean()), float(es.max()),
-                            )
-    finally:
-        if old is None:
-            os.environ.pop("SEQPAR_KERNEL", None)
-        else:
-            os.environ["SEQPAR_KERNEL"] = old
+    for seq_len in LENGTHS:
+        for seed in SEEDS:
+            gen = torch.Generator().manual_seed(seed)
+            q = torch.randn(B, H, seq_len, D, generator=gen).bfloat16()
+            k = torch.randn(B, H_KV, seq_len, D, generator=gen).bfloat16()
+            v = torch.randn(B, H_KV, seq_len, D, generator=gen).bfloat16()
+            for is_causal in (False, True):
+                ref = reference.attention(q, k, v, mask=reference.sequence_mask(seq_len, is_causal=is_causal))[0]
+                sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+                es = (sdpa.double() - ref).abs()
+                layout = "zigzag" if is_causal else "contiguous"
+                idx = expected_positions(seq_len, world_size, rank, layout)
+                for kernel in KERNELS:
+                    for strategy in STRATEGIES:
+                        with kernels.use(kernel):
+                            out = seqpar.attention(q[:, :, idx], k[:, :, idx], v[:, :, idx],
+                                                   is_causal=is_causal, layout=layout, strategy=strategy)
+                        assert out.dtype == torch.bfloat16
+                        e = (out.double() - ref[:, :, idx]).abs()
+                        res[(kernel, strategy, is_causal, seq_len, seed)] = (
+                            float(e.sum()), e.numel(), float(e.max()), float(es.mean()), float(es.max()),
+                        )
     return res
 
 

@@ -12,6 +12,7 @@ import torch
 
 from seqpar.layout import positions
 from seqpar.ops import kernels, reference
+from seqpar.ops.kernels import blockwise
 from seqpar.ops.lse import finite_or_zero, global_lse_from_max_sum, merge_many, merge_partials, stat_dtype
 from seqpar.ops.masks import MaskSpec, Tokens, blocks
 
@@ -183,8 +184,11 @@ def kernel(request, monkeypatch):
     else:
         monkeypatch.setenv("SEQPAR_KERNEL", KERNEL_ENV[name])
     if name == "blockwise_tiles":
-        monkeypatch.setattr(kernels, "_tiles", lambda b, h, sq, sk: (2, 3))
-    return name
+        monkeypatch.setattr(blockwise, "_tiles", lambda b, h, sq, sk: (2, 3))
+    kernels.reset()  # SEQPAR_KERNEL is read once per process: re-read it
+    yield name
+    monkeypatch.undo()
+    kernels.reset()
 
 
 def _kernel_case(dtype, hkv, mask_kind, seed=4):
@@ -239,8 +243,13 @@ def test_kernel_causal_diagonal_block(kernel, hkv):
 
 def test_kernel_name_rejects_unknown(monkeypatch):
     monkeypatch.setenv("SEQPAR_KERNEL", "flash3")
-    with pytest.raises(ValueError, match="flash3.*allowed.*cpu_flash.*blockwise"):
-        kernels.kernel_name(torch.zeros(1))
+    kernels.reset()
+    try:
+        with pytest.raises(ValueError, match="flash3.*allowed.*cpu_flash.*blockwise"):
+            kernels.kernel_name(torch.zeros(1))
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
 
 
 # --- mask blocks -----------------------------------------------------------------------------

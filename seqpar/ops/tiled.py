@@ -1,13 +1,19 @@
 """Attention of a set of query tokens over a set of key tokens, block by block, merged by LSE.
 
 This is the local computation every strategy runs: it skips the blocks the mask leaves empty,
-calls the fused kernel (:mod:`seqpar.ops.kernels`) on the rest, and merges the partials in float32.
+calls a kernel (:mod:`seqpar.ops.kernels`) on the rest, and merges the partials in float32.
+
+The kernel is chosen per block from what the block loop knows of it (:mod:`seqpar.ops.kernels.registry`):
+an unmasked block (``mask=None``) or a diagonal causal one (``is_causal``, Sq == Sk, top-left) goes to
+the fastest fused op (CUDA: cuDNN where torch prefers it, else flash; CPU: the CPU flash op); a block a
+window, document or padding mask cuts partly carries its bool mask and goes to an op taking an additive
+bias (CUDA: memory-efficient) or to ``blockwise``. :func:`block_kernels` lists the choice per block.
 
 Shapes::
 
     q       (B, H,    Sq, D)     queries, with tokens ``qt``  (len Sq)
     k, v    (B, H_kv, Sk, D)     keys/values, with tokens ``kt`` (len Sk)
-    out     (B, H,    Sq, D)     float32 (float64 for float64 input); 0 where a row sees nothing
+    out     (B, H,    Sq, D)     float32 (float64; q's dtype: see tiled_forward); 0 where a row sees nothing
     lse     (B, H,    Sq)        float32 (float64); -inf where a row sees nothing
 """
 
@@ -15,9 +21,20 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.ops.kernels import attention_backward, attention_forward
+from seqpar.ops.kernels import attention_backward, attention_forward, candidates
+from seqpar.ops.kernels.common import mask_kind
 from seqpar.ops.lse import NEG_INF, merge_into, stat_dtype
-from seqpar.ops.masks import MaskSpec, Tokens, blocks
+from seqpar.ops.masks import Block, MaskSpec, Tokens, blocks
+
+
+def block_kernels(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qt: Tokens, kt: Tokens, spec: MaskSpec
+) -> list[tuple[Block, str]]:
+    """Each non-empty block of queries ``qt`` x keys ``kt`` with the backend :func:`tiled_forward` runs it on."""
+    return [
+        (blk, candidates(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], mask_kind(blk.mask, blk.is_causal))[0].name)
+        for blk in blocks(qt, kt, spec)
+    ]
 
 
 def tiled_forward(
@@ -30,13 +47,19 @@ def tiled_forward(
     scale: float,
     acc: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of ``q`` over ``k, v``, merged into ``acc`` (updated in place) when given."""
+    """``(out, lse)`` of ``q`` over ``k, v``, merged into ``acc`` (updated in place) when given.
+
+    ``out`` is float32 (float64) -- except for a single kernel call without ``acc``, whose result comes back as is
+    (q's dtype from the fused CUDA ops: no pass over it). Passed back as ``acc``, such an ``out`` is upcast once.
+    """
     todo = list(blocks(qt, kt, spec))
     if acc is None and len(todo) == 1 and _covers(todo[0], q, k):  # one kernel call: its result as is
         blk = todo[0]
         return attention_forward(q, k, v, scale=scale, mask=blk.mask, is_causal=blk.is_causal)
+    sd = stat_dtype(q.dtype)
+    if acc is not None and acc[0].dtype != sd and todo:  # a single call's q-dtype result: merge in float32
+        acc = (acc[0].to(sd), acc[1])
     if acc is None:
-        sd = stat_dtype(q.dtype)
         acc = (
             torch.zeros(*q.shape[:-1], v.shape[-1], dtype=sd, device=q.device),
             torch.full(q.shape[:-1], NEG_INF, dtype=sd, device=q.device),
