@@ -32,7 +32,7 @@ def info() -> dict[str, Any]:
     import torch.distributed as dist
 
     from seqpar.distributed import launcher
-    from seqpar.ops.kernels import kernel_name
+    from seqpar.ops.kernels import describe
 
     v = versions()
     mpi_library = None
@@ -49,9 +49,7 @@ def info() -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - a broken MPI install is worth showing, not failing on
             mpi_library = f"unusable: {type(e).__name__}: {e}"
     cuda = torch.cuda.is_available()
-    kernels = {"cpu": kernel_name(torch.empty(1, 1, 1, 1))}
-    if cuda:
-        kernels["cuda"] = kernel_name(torch.empty(1, 1, 1, 1, device="cuda"))
+    kernels = {k["name"]: k for k in describe()}  # the registry's records (seqpar.ops.kernels.describe)
     return {
         "versions": {**v, "mpi library": mpi_library, "cuda (torch built with)": torch.version.cuda},
         "backends": {
@@ -85,7 +83,11 @@ def print_info(as_json: bool) -> int:
     table.add_column("")
     for section, values in data.items():
         for i, (k, v) in enumerate(values.items()):
-            if isinstance(v, (bool, type(None))):
+            if isinstance(v, dict):  # a kernel record: available or why not
+                shown = (f"[green]yes[/] ({', '.join(v['devices'])}; {', '.join(v['dtypes'])}; masks "
+                         f"{', '.join(v['masks'])}; torch >= {v['min_torch']}{'' if v['selected'] else '; excluded'})"
+                         if v["available"] else f"no: {v['why_not']}")
+            elif isinstance(v, (bool, type(None))):
                 shown = {True: "[green]yes[/]", False: "no", None: "-"}[v]
             else:
                 shown = ", ".join(v) or "-" if isinstance(v, list) else str(v)

@@ -112,8 +112,11 @@ def test_info_json():
 
     assert data["versions"]["seqpar"] == sp.__version__ and data["versions"]["torch"] == torch.__version__
     assert data["backends"]["gloo"] is True
-    assert data["kernels"]["cpu"] in ("cpu_flash", "blockwise")
-    assert ("cuda" in data["kernels"]) == torch.cuda.is_available()
+    kernels = data["kernels"]  # every registered backend, with what it supports or why it is not available here
+    assert {"cpu_flash", "blockwise", "cuda_flash", "cuda_efficient", "cuda_cudnn"} <= set(kernels)
+    assert kernels["blockwise"]["available"] and kernels["cpu_flash"]["available"]
+    for name in ("cuda_flash", "cuda_efficient", "cuda_cudnn"):
+        assert kernels[name]["available"] == torch.cuda.is_available() or kernels[name]["why_not"]
 
 
 def test_bench_is_wired_to_seqpar_bench_main(monkeypatch):
