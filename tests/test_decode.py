@@ -83,7 +83,7 @@ def _decode_case(rank, world_size, placement, block, kv_heads, lens0, steps, win
             step([b], n)
     for t in steps:
         step(list(range(B)), t)
-    return err, [cache.local_count(s, cache.lengths[0][s]) for s in cache.live_slots()]
+    return err, [cache.local_count(s, cache.lengths[0][s]) for s in slots], [cache.lengths[0][s] for s in slots]
 
 
 CASES = [
@@ -108,6 +108,58 @@ def test_decode_matches_reference(dist, one_thread):
             tol = 1e-12 if case[-1] == torch.float64 else 1e-5
             errs = [per_rank[r][c][0] for r in range(w)]
             assert max(errs) <= tol, (w, case, errs)
-            # every sequence has keys somewhere (some ranks hold none of the short ones)
             counts = [per_rank[r][c][1] for r in range(w)]
-            assert all(sum(col) > 0 for col in zip(*counts)), (w, case, counts)
+            lengths = per_rank[0][c][2]
+            assert [sum(col) for col in zip(*counts)] == lengths, (w, case, counts)  # each key on exactly one rank
+            if w > 1 and case[1] == 16 and case[3][1] < 16:
+                assert any(0 in row for row in counts), counts  # some rank held no key of a short sequence
+
+
+def _steady_state(rank, world_size, combine, b, t):
+    """Collectives and bytes of decode steps once the step shape is agreed: 1 (allgather) or 2 (allreduce)."""
+    from seqpar.cache import KVCache
+    from seqpar.decode import decode_attention
+    from seqpar.plan import decode_combine
+
+    cache = KVCache(num_layers=2, max_batch=b, max_seq_len=64, kv_heads=2, head_dim=D, combine=combine)
+    slots = cache.allocate(b)
+    comm = cache.comm
+    calls = []
+    for name in ("_all_gather", "_all_reduce"):
+        orig = getattr(comm, name)
+        setattr(comm, name, lambda *a, _o=orig, _n=name: (calls.append(_n), _o(*a))[1])
+    g = torch.Generator().manual_seed(0)
+    per_step = []
+    try:
+        for step in range(4):
+            for layer in range(2):
+                n0, b0 = len(calls), comm.bytes_sent
+                q = torch.randn(b, H, t, D, generator=g)
+                k, v = torch.randn(b, 2, t, D, generator=g), torch.randn(b, 2, t, D, generator=g)
+                decode_attention(cache, layer, q, k, v, slots=slots)
+                per_step.append((len(calls) - n0, comm.bytes_sent - b0))
+    finally:
+        for name in ("_all_gather", "_all_reduce"):
+            delattr(comm, name)
+    plan = decode_combine(batch=b, heads=H, q_len=t, head_dim=D, world_size=world_size)
+    return per_step, plan.bytes_per_rank[cache.combine if combine != "auto" else plan.combine]
+
+
+def test_one_collective_per_layer_and_bytes(dist, one_thread):
+    for combine, n_coll in (("allgather", 1), ("allreduce", 2)):
+        for w in (2, 3):
+            per_step, want = dist(w, _steady_state, combine, 2, 3)[0]
+            first, rest = per_step[0], per_step[1:]
+            assert first[0] == n_coll + 1, per_step  # the first step agrees on the shape: one header-only round
+            assert all(c == n_coll and nb == want for c, nb in rest), (combine, w, per_step, want)
+
+
+def test_decode_combine_cost_model():
+    from seqpar.plan import decode_combine
+
+    small = decode_combine(batch=1, heads=32, q_len=1, head_dim=128, world_size=2)
+    assert small.combine == "allgather" and small.collectives == {"allgather": 1, "allreduce": 2}
+    assert small.bytes_per_rank["allgather"] == (32 * 129 + 11) * 4  # no context length anywhere
+    big = decode_combine(batch=64, heads=32, q_len=4, head_dim=128, world_size=8)
+    assert big.combine == "allreduce", big
+    assert decode_combine(batch=1, heads=1, q_len=1, head_dim=1, world_size=1).combine == "allgather"
