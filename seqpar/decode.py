@@ -84,8 +84,14 @@ def _local_step(cache: KVCache, layer, slots, q, k_new, v_new, scale, window_siz
             keep = key_padding_mask.to(torch.bool).gather(1, pos.clamp(0, key_padding_mask.shape[1] - 1))
             m = m & keep.unsqueeze(1)
         mask = m.unsqueeze(1)  # (B, 1, T, n)
-    out, lse = attention_forward(q, kk, vv, scale=scale, mask=mask)
-    return out.to(sd), lse.to(sd), (kk, pos), mask
+    # GQA packing (flash-decoding): the G query heads of a kv head become G*T query rows of that head,
+    # so each K/V row is read once per kv head, not once per query head (decode is memory-bound).
+    hkv = kk.shape[1]
+    g = h // hkv
+    qp = q.reshape(b, hkv, g * t, d)  # row g_i * T + t_i; head h = kv * G + g_i (the GQA mapping)
+    mp = None if mask is None else mask.repeat(1, 1, g, 1)  # (B, 1, G*T, n)
+    out, lse = attention_forward(qp, kk, vv, scale=scale, mask=mp)
+    return out.reshape(b, h, t, d).to(sd), lse.reshape(b, h, t).to(sd), (kk, pos), mask
 
 
 def _check(cache: KVCache, layer, slots, q, k_new, v_new, key_padding_mask) -> None:
