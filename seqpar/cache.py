@@ -183,7 +183,7 @@ class KVCache:
 
     def allocate(self, n: int = 1) -> list[int]:
         """Start ``n`` new (empty) sequences; returns their slot ids (the same on every rank)."""
-        self._agree("allocate", {"n": n})
+        self._agree("allocate", {"n": n if isinstance(n, int) else -1})
         free = [s for s in range(self.max_batch) if not self.live[s]]
         if not isinstance(n, int) or n < 1 or n > len(free):
             raise ValueError(
@@ -199,7 +199,10 @@ class KVCache:
 
     def free(self, slots: list[int]) -> None:
         """End sequences: their slots become free (other sequences continue)."""
-        slots = [int(s) for s in slots]
+        try:
+            slots = [int(s) for s in slots]
+        except (TypeError, ValueError):
+            slots = [-1]  # compared first, rejected after: every rank raises
         self._agree("free", {"(n, slots hash)": (len(slots), _hash(slots))})
         self._check_slots(slots)
         for s in slots:
@@ -214,9 +217,9 @@ class KVCache:
         shard while running sequence-parallel attention over the prompt. The slots must be empty (all
         layers' prefill uses the same ``prompt_len``); later tokens are placed by ``placement``.
         """
-        slots = [int(s) for s in slots]
-        error = None
+        error, raw, slots = None, slots, [-1]
         try:
+            slots = [int(s) for s in raw]
             self._check_slots(slots)
             if not (0 <= layer < self.num_layers):
                 raise ValueError(f"rank {self.rank}: layer={layer}; allowed 0..{self.num_layers - 1}")
