@@ -15,10 +15,13 @@ K/V through, and :func:`seqpar.decode_attention` stores the positions this rank 
 replicated queries over this rank's keys, causal on global (cache) positions, with the 2-D padding
 mask and the model's ``sliding_window``; one combining collective merges the ranks' partials exactly.
 
-Prefill: the prompt runs through the same path (queries replicated, ``T`` = prompt length, K/V
-sharded on arrival) -- the KV-sharded form, not sequence-parallel prefill. Prompt activations are
-therefore replicated; only the cache is split. (A sequence-parallel prefill writes its K/V shards
-with :meth:`seqpar.KVCache.prefill`; wiring that into ``generate()`` is not done.)
+Prefill, two ways:
+
+- by default the prompt runs through the same path (queries replicated, ``T`` = prompt length, K/V
+  sharded on arrival) -- the KV-sharded form: prompt activations are replicated, only the cache is split;
+- :func:`prefill` first (prompts without padding): each rank runs its contiguous shard of the prompt
+  through the model with sequence-parallel attention (``seqpar.hf``) and keeps its K/V shard
+  (:meth:`seqpar.KVCache.prefill`); ``generate()`` then continues from the cached prefix.
 
 Not supported (raise ``ValueError``): beam search / ``num_return_sequences > 1`` (cache reordering),
 cache cropping (assisted decoding), dropout, ``output_attentions``, 4-D masks, softcapping / sinks.
@@ -57,12 +60,19 @@ class SeqparLayer(CacheLayerMixin):
         self.kv, self.layer_idx, self.slots = kv, layer_idx, slots
         self.is_initialized = True
         self.batch_size = len(slots)
+        self.prompt_len: int | None = None  # set while prefill() runs the sharded prompt
 
     def lazy_initialization(self, key_states, value_states) -> None:  # storage is preallocated
         return None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        """Hands the new K/V through, tagged with this layer: the attention function stores and attends them."""
+        """Hands the new K/V through, tagged with this layer: the attention function stores and attends them.
+
+        During :func:`prefill` (sequence-parallel prompt) the K/V are this rank's shard: stored here directly.
+        """
+        if self.prompt_len is not None:
+            self.kv.prefill(self.layer_idx, self.slots, key_states, value_states, self.prompt_len)
+            return key_states, value_states
         key_states._seqpar_layer = self  # read by attention_forward (the only consumer of these tensors)
         return key_states, value_states
 
@@ -70,6 +80,8 @@ class SeqparLayer(CacheLayerMixin):
         return self.kv.lengths[self.layer_idx][self.slots[0]]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.prompt_len is not None:  # sharded prompt: the local shard only (seqpar.hf masks on global positions)
+            return query_length, 0
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
@@ -117,6 +129,38 @@ class SeqparCache(Cache):
                           block_size=block_size, combine=combine, group=group)
         self.slots = self.kv.allocate(batch_size)
         super().__init__(layers=[SeqparLayer(self.kv, i, self.slots) for i in range(text.num_hidden_layers)])
+
+
+def prefill(model: Any, input_ids: torch.Tensor, cache: SeqparCache, *, group: Any = None) -> int:
+    """Sequence-parallel prefill: all but the last prompt token, each rank running its contiguous shard.
+
+    Each rank feeds its ``seqpar.layout`` contiguous shard of ``input_ids[:, :-1]`` through the model
+    with ``attn_implementation="seqpar"`` (:mod:`seqpar.hf`, exact sequence-parallel attention) and keeps the
+    K/V of its shard in ``cache`` -- nothing is gathered. Then ``model.generate(input_ids, cache=cache, ...)``
+    continues from the cached prefix: the last prompt token and every new token go through the decode path.
+    Prompts without padding only (``seqpar.hf`` needs the global positions; HF derives per-row positions from a
+    padding mask). Returns the number of tokens prefilled.
+    """
+    import seqpar.hf
+    import seqpar.nn
+
+    p = input_ids.shape[1] - 1
+    if p < 1 or any(layer.get_seq_length() for layer in cache.layers):
+        raise ValueError(f"seqpar_decode prefill: needs an empty cache and a prompt of >= 2 tokens (got {p + 1})")
+    shard = seqpar.nn.shard_batch({"input_ids": input_ids[:, :p]}, layout="contiguous", group=group)
+    seqpar.hf.register(layout="contiguous", group=group)
+    previous = model.config._attn_implementation
+    for layer in cache.layers:
+        layer.prompt_len = p
+    try:
+        model.config._attn_implementation = seqpar.hf.NAME
+        with torch.no_grad():
+            model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], cache=cache, use_cache=True)
+    finally:
+        model.config._attn_implementation = previous
+        for layer in cache.layers:
+            layer.prompt_len = None
+    return p
 
 
 def mask_forward(*, attention_mask: torch.Tensor | None = None, use_vmap: bool = False, **kwargs: Any):

@@ -6,7 +6,8 @@ A tiny random-init Llama (float32, GQA 4/2 heads, 2 layers) greedily generates `
 2k-token prompt, on every rank with ``attn_implementation="seqpar_decode"`` and a ``SeqparCache``,
 and once in the parent with ``"sdpa"`` and transformers' own cache. Every rank must produce exactly
 the reference tokens, and the logits of every step must agree within 1e-5 (max-norm relative). Also a
-batch of two left-padded prompts of different lengths.
+batch of two left-padded prompts of different lengths, and a sequence-parallel prefill
+(``seqpar.hf_generate.prefill``: each rank runs its shard of the prompt) before ``generate()``.
 """
 
 from __future__ import annotations
@@ -70,3 +71,27 @@ def test_generate_matches_sdpa(dist, batched):
             err = ((logits - want_logits).abs().amax(-1) / want_logits.abs().amax(-1)).max().item()
             assert err < 1e-5, (w, rank, err)
             assert all(0 < h < PROMPT for h in held), held  # the cache is split, not replicated
+
+
+def _sp_prefill_generate(rank, world_size):
+    import seqpar.hf_generate as hg
+
+    model = _model(hg.NAME)
+    ids, mask = _prompts(False)
+    cache = hg.SeqparCache(model.config, batch_size=1, max_cache_len=PROMPT + NEW, block_size=16)
+    n = hg.prefill(model, ids, cache)
+    held = cache.kv.local_count(cache.slots[0], n)
+    tokens, logits = _generate(model, ids, None, cache)
+    return tokens, logits, held, cache.kv.lengths[0][cache.slots[0]]
+
+
+def test_sequence_parallel_prefill_then_generate(dist):
+    ids, mask = _prompts(False)
+    want_tokens, want_logits = _generate(_model("sdpa"), ids, None)
+    for w in (2, 3):
+        for rank, (tokens, logits, held, length) in enumerate(dist(w, _sp_prefill_generate, timeout=300)):
+            assert length == PROMPT + NEW - 1, length  # generate() went on from the prefix: nothing fed twice
+            assert torch.equal(tokens, want_tokens), (w, rank, (tokens != want_tokens).nonzero()[:5])
+            err = ((logits - want_logits).abs().amax(-1) / want_logits.abs().amax(-1)).max().item()
+            assert err < 1e-5, (w, rank, err)
+            assert abs(held - (PROMPT - 1) / w) <= 1, held  # this rank's contiguous shard of the prompt
