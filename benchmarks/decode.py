@@ -230,7 +230,8 @@ def _plot(rows, path, w) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("sdpa", f"single-process SDPA ({w} threads)"),
-                       ("sdpa_packed", f"single-process SDPA, GQA rows packed ({w} threads)"), ("seqpar", f"seqpar W={w}"),
+                       ("sdpa_packed", f"single-process SDPA, GQA rows packed ({w} threads)"),
+                       ("seqpar", f"seqpar W={w}"),
                        ("tree_attn_decode", f"tree_attn_decode W={w}")):
         pts = [(r["context"], r[key]["median_s"] * 1e3) for r in rows if key in r]
         if pts:

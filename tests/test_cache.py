@@ -150,7 +150,7 @@ def test_context_that_fits_a_budget_grows_with_world_size(dist, one_thread):
     rows = {}
     for w in (1, 2, 4):
         res = dist(w, _memory, 256 + 17)
-        for nbytes, budget, length, held, full in res:
+        for nbytes, budget, _length, _held, full in res:
             assert nbytes <= budget, (w, nbytes, budget)
             assert "cache full" in full
         rows[w] = (res[0][2], res[0][0], [r[3] for r in res])

@@ -131,7 +131,7 @@ def _steady_state(rank, world_size, combine, b, t):
     g = torch.Generator().manual_seed(0)
     per_step = []
     try:
-        for step in range(4):
+        for _step in range(4):
             for layer in range(2):
                 n0, b0 = len(calls), comm.bytes_sent
                 q = torch.randn(b, H, t, D, generator=g)
