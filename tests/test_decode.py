@@ -54,6 +54,7 @@ def _decode_case(rank, world_size, placement, block, kv_heads, lens0, steps, win
     full_k = [[torch.zeros(kv_heads, 0, D, dtype=dtype) for _ in range(B)] for _ in range(n_layers)]
     full_v = [[torch.zeros(kv_heads, 0, D, dtype=dtype) for _ in range(B)] for _ in range(n_layers)]
     err = 0.0
+    outs: list = []  # every step's outputs: bitwise the same on every rank
 
     def step(rows, t):
         nonlocal err
@@ -68,6 +69,7 @@ def _decode_case(rank, world_size, placement, block, kv_heads, lens0, steps, win
             kpm = None if keep is None else keep[rows]
             out, w, lse = decode_attention(cache, layer, q, k, v, slots=[slots[b] for b in rows], window_size=window,
                                            key_padding_mask=kpm, return_lse=True, return_weights=True)
+            outs.append((out, lse))
             ro, rl, rw = _ref(q, [full_k[layer][b] for b in rows], [full_v[layer][b] for b in rows], lens, t, window,
                               kpm)
             for i, b in enumerate(rows):
@@ -83,7 +85,8 @@ def _decode_case(rank, world_size, placement, block, kv_heads, lens0, steps, win
             step([b], n)
     for t in steps:
         step(list(range(B)), t)
-    return err, [cache.local_count(s, cache.lengths[0][s]) for s in slots], [cache.lengths[0][s] for s in slots]
+    counts = [cache.local_count(s, cache.lengths[0][s]) for s in slots]
+    return err, counts, [cache.lengths[0][s] for s in slots], outs
 
 
 CASES = [
@@ -109,6 +112,9 @@ def test_decode_matches_reference(dist, one_thread):
             errs = [per_rank[r][c][0] for r in range(w)]
             assert max(errs) <= tol, (w, case, errs)
             counts = [per_rank[r][c][1] for r in range(w)]
+            for r in range(1, w):  # the same bits on every rank, every step
+                assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                           for a, b in zip(per_rank[0][c][3], per_rank[r][c][3])), (w, case, r)
             lengths = per_rank[0][c][2]
             assert [sum(col) for col in zip(*counts)] == lengths, (w, case, counts)  # each key on exactly one rank
             if w > 1 and case[1] == 16 and case[3][1] < 16:

@@ -95,3 +95,11 @@ def test_sequence_parallel_prefill_then_generate(dist):
             err = ((logits - want_logits).abs().amax(-1) / want_logits.abs().amax(-1)).max().item()
             assert err < 1e-5, (w, rank, err)
             assert abs(held - (PROMPT - 1) / w) <= 1, held  # this rank's contiguous shard of the prompt
+
+
+def test_model_without_seqpar_cache_is_refused():
+    import seqpar.hf_generate as hg
+
+    model = _model(hg.NAME)
+    with pytest.raises(ValueError, match="SeqparCache"), torch.no_grad():
+        model(torch.randint(1, V, (1, 8)), use_cache=False)
