@@ -156,3 +156,42 @@ def test_context_that_fits_a_budget_grows_with_world_size(dist, one_thread):
         rows[w] = (res[0][2], res[0][0], [r[3] for r in res])
         assert sum(rows[w][2]) == rows[w][0]  # every token stored once
     assert rows[2][0] == 2 * rows[1][0] and rows[4][0] == 4 * rows[1][0]
+
+
+def _add_and_free(rank, world_size):
+    """Sequence A runs throughout; B ends, C takes B's slot, A and C go on in one batch: all against the reference."""
+    from seqpar.decode import decode_attention
+
+    g = torch.Generator().manual_seed(9)
+    cache = _cache(max_batch=2, block_size=2)
+    a, b = cache.allocate(2)
+    full = {}  # sequence name -> (K, V) so far
+
+    def step(names, slots, t):
+        q, k, v = _step(g, len(names), t)
+        out = decode_attention(cache, 0, q, k, v, slots=slots)
+        err = 0.0
+        for i, name in enumerate(names):
+            k0, v0 = full.get(name, (k[i, :, :0], v[i, :, :0]))
+            full[name] = (torch.cat([k0, k[i]], 1), torch.cat([v0, v[i]], 1))
+            kk, vv = full[name]
+            n = kk.shape[1]
+            mask = torch.arange(n).view(1, -1) <= torch.arange(n - t, n).view(-1, 1)
+            want = ref_attention(q[i : i + 1], kk[None], vv[None], mask=mask)[0][0]
+            err = max(err, (out[i] - want).abs().max().item())
+        return err
+
+    err = step(["A", "B"], [a, b], 5)
+    err = max(err, step(["A", "B"], [a, b], 1))
+    cache.free([b])
+    (c,) = cache.allocate(1)
+    err = max(err, step(["C"], [c], 3))  # C starts while A waits
+    for _ in range(3):
+        err = max(err, step(["A", "C"], [a, c], 1))
+    return err, c == b, [cache.lengths[0][s] for s in (a, c)]
+
+
+def test_sequences_added_and_freed_while_others_continue(dist, one_thread):
+    for w in (2, 3):
+        for err, reused, lengths in dist(w, _add_and_free):
+            assert err < 1e-12 and reused and lengths == [9, 6], (w, err, reused, lengths)
