@@ -9,3 +9,8 @@ from seqpar.softmax import softmax
 
 __all__ = ["Plan", "attention", "init_distributed", "kv_sharded_attention", "plan", "shard", "softmax", "unshard"]
 __version__ = "0.1.0"
+
+from seqpar.cache import KVCache  # noqa: E402  (issue 10: sharded KV cache and decode)
+from seqpar.decode import decode_attention  # noqa: E402
+
+__all__ += ["KVCache", "decode_attention"]

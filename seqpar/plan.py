@@ -116,3 +116,61 @@ def plan(
     if cost["allreduce"] < cost["ring"]:
         return Plan("allreduce", "fewest bytes: queries are smaller than K/V", cost, memory)
     return Plan("ring", "fewest bytes, transfers overlap compute, two K/V shards in memory", cost, memory)
+
+
+# --- decode over a sharded KV cache (seqpar.decode) ------------------------------------------------------------
+
+DECODE_COMBINES = ("allgather", "allreduce")
+DECODE_HEADER = 11  # ints in seqpar.decode's header (the step's arguments, checked inside the collective)
+
+
+@dataclass
+class DecodePlan:
+    combine: str
+    reason: str
+    bytes_per_rank: dict[str, int] = field(default_factory=dict)
+    collectives: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def decode_combine(
+    *,
+    batch: int,
+    heads: int,
+    q_len: int,
+    head_dim: int,
+    world_size: int,
+    latency_s: float = 50e-6,
+    bandwidth: float = 2e9,
+) -> DecodePlan:
+    """Which combine ``seqpar.decode`` uses for one layer's decode step, by an alpha-beta model.
+
+    With ``n = B * H * T * (D + 1) * 4`` bytes (each rank's float32 partial output and LSE; the
+    context length does not appear)::
+
+        allgather   1 collective     (W-1) * n                   gather every partial, merge locally
+        allreduce   2 collectives    2(W-1)/W * (n + B*H*T*4)    MAX of the LSEs, SUM of rescaled partials
+        all-to-all  2 collectives    ~2(W-1)/W * n               (heads split; not offered: same bytes as
+                                                                  allreduce, needs a primitive comm lacks)
+
+    time = collectives * ``latency_s`` + bytes / ``bandwidth``; the smaller wins. Defaults are of the
+    order measured for gloo over loopback (tens of microseconds per collective, GB/s): small decode
+    steps are latency-bound and take ``allgather``; large batches at many ranks take ``allreduce``.
+    """
+    for name, v in {"batch": batch, "heads": heads, "q_len": q_len, "head_dim": head_dim,
+                    "world_size": world_size}.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}; allowed: an int >= 1")
+    w, rows = world_size, batch * heads * q_len
+    n = (rows * (head_dim + 1) + DECODE_HEADER) * 4
+    cost = {
+        "allgather": int((w - 1) * n),
+        "allreduce": int(2 * (w - 1) / w * (n + (rows + DECODE_HEADER) * 4)),
+    }
+    calls = {"allgather": 1, "allreduce": 2}
+    secs = {c: calls[c] * latency_s + cost[c] / bandwidth for c in DECODE_COMBINES}
+    if w == 1:
+        return DecodePlan("allgather", "one rank: nothing to communicate", cost, calls, secs)
+    best = min(DECODE_COMBINES, key=lambda c: secs[c])
+    why = "one collective: latency-bound step" if best == "allgather" else "fewer bytes outweigh a second collective"
+    return DecodePlan(best, why, cost, calls, secs)
