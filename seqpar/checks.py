@@ -5,7 +5,7 @@ tensors, head dims, dtypes, mask shapes, options), but does not raise there: a r
 alone would leave the others waiting in the next collective. Instead :func:`agree` always runs one
 all-gather of a fixed-size int64 row per rank::
 
-    [op code | ok? | check on? | message (512 bytes, utf-8) | 16 fields x 6 ints]   = 1312 bytes
+    [op code | ok? | check on? | message (512 bytes, utf-8) | 16 fields x 6 ints]   = 1304 bytes
 
 and then, on *every* rank and within that one collective:
 
@@ -21,7 +21,7 @@ The same gather carries per-rank information the callers need anyway (shard leng
 a local error must still reach the other ranks before they enter the next collective.
 
 Cost (measured, ``python benchmarks/core_error_and_check_cost.py --check``, see the README): one
-all-gather of 1312 bytes per rank per call; the fingerprint of a replicated tensor is one read of it
+all-gather of 1304 bytes per rank per call; the fingerprint of a replicated tensor is one read of it
 (integer sums of its bits, exact and independent of summation order).
 """
 

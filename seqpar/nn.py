@@ -257,12 +257,15 @@ def sync_gradients(params: torch.nn.Module | Iterable[torch.nn.Parameter], *, gr
     comm = get_communicator(group)
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
-    ps = [p for p in params if p.requires_grad]
-    by_key: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
-    for p in ps:
-        by_key.setdefault((p.dtype, p.device), []).append(p)
+    params = list(params)
+    ps: list[torch.Tensor] = []
 
     def validate():
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"rank {comm.rank}: sync_gradients got a {type(p).__name__} among the parameters")
+            if p.requires_grad:
+                ps.append(p)
         for p in ps:
             if p.grad is not None and (p.grad.shape != p.shape or p.grad.dtype != p.dtype):
                 raise ValueError(
@@ -274,9 +277,11 @@ def sync_gradients(params: torch.nn.Module | Iterable[torch.nn.Parameter], *, gr
                 "parameter shapes and dtypes (CRC32)": zlib.crc32(sig)}, {}
 
     checks.agree(comm, "sync_gradients", validate)
+    by_key: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for p in ps:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+        by_key.setdefault((p.dtype, p.device), []).append(p)
     if comm.world_size == 1:
         return
     for group_ps in by_key.values():

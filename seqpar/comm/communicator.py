@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -206,12 +207,30 @@ class TorchCommunicator(Communicator):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._global = [r if group is None else dist.get_global_rank(group, r) for r in range(self.world_size)]
+        self._nccl = dist.get_backend(group) == "nccl"
 
-    def _wait(self, works: Sequence[Any], what: str, t: torch.Tensor | None, deadline: float | None = None) -> None:
-        """Wait for ``works`` until ``deadline`` (monotonic; default now + timeout_s())."""
+    def _wait(
+        self, works: Sequence[Any], what: str, t: torch.Tensor | None, deadline: float | None = None,
+        threaded: bool = False,
+    ) -> None:
+        """Wait for ``works`` until ``deadline`` (monotonic; default now + timeout_s()).
+
+        ``work.wait(timeout=...)``, or (``threaded=True``) a plain ``wait()`` in a helper thread joined
+        with the deadline: gloo's reduce-scatter work ignores the ``wait`` timeout and never reports
+        ``is_completed()`` (measured, torch 2.13); the thread costs ~0.1 ms. On NCCL a plain
+        ``wait()`` (it only orders the CUDA streams; a CPU-side bounded wait would stall the host):
+        there the process group's timeout and NCCL's watchdog apply.
+        """
+        if self._nccl:
+            for work in works:
+                work.wait()
+            return
         limit = timeout_s()
         deadline = time.monotonic() + limit if deadline is None else deadline
         for work in works:
+            if threaded:
+                self._wait_in_thread(work, what, t, deadline, limit)
+                continue
             left = max(deadline - time.monotonic(), 0.001)
             try:
                 work.wait(timeout=datetime.timedelta(seconds=left))
@@ -219,6 +238,23 @@ class TorchCommunicator(Communicator):
                 if "timed out" in str(e).lower() or "timeout" in str(e).lower():
                     raise self._timeout(what, t, limit) from e
                 raise
+
+    def _wait_in_thread(self, work: Any, what: str, t: torch.Tensor | None, deadline: float, limit: float) -> None:
+        done, errors = threading.Event(), []
+
+        def run() -> None:
+            try:
+                work.wait()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                errors.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True, name="seqpar-wait").start()
+        if not done.wait(max(deadline - time.monotonic(), 0.001)):
+            raise self._timeout(what, t, limit)
+        if errors:
+            raise errors[0]
 
     def _all_reduce(self, t, op):
         self._wait([dist.all_reduce(t, op=self._OPS[op], group=self.group, async_op=True)], f"all_reduce {op}", t)
@@ -228,7 +264,7 @@ class TorchCommunicator(Communicator):
 
     def _reduce_scatter(self, out, t):
         self._wait([_REDUCE_SCATTER(out, t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)],
-                   "reduce_scatter", t)
+                   "reduce_scatter", t, threaded=True)
 
     def _p2p(self, sends, recvs):
         ops = [dist.P2POp(dist.isend, t, self._global[p], self.group) for t, p in sends]
