@@ -6,8 +6,8 @@
 
 1. torch.distributed over gloo, 2 ranks x 1 thread: median time of ``dist.all_reduce`` / all-gather /
    reduce-scatter called plainly (blocking) vs through seqpar's Communicator (``async_op=True`` and
-   ``work.wait(timeout=...)``; reduce-scatter: a plain ``wait()`` in a helper thread joined with the
-   deadline), for a small (8 floats) and a large (4 M floats = 16 MB) tensor, interleaved.
+   ``work.wait(timeout=...)``; reduce-scatter: a plain ``wait()`` handed to a helper thread, awaited
+   until the deadline), for a small (8 floats) and a large (4 M floats = 16 MB) tensor, interleaved.
 2. The fingerprint of a replicated q (three int64 sums of its bits) at decode and prefill sizes.
 3. mpi4py: ``Allreduce`` vs ``Iallreduce`` + the Test/sleep loop seqpar uses.
 """
@@ -47,7 +47,8 @@ def _wait_worker(rank, world_size, iters):
         for name, (plain, bounded) in ops.items():
             times = {"plain": [], "bounded": []}
             for i in range(it + 5):
-                for mode, fn in (("plain", plain), ("bounded", bounded)):
+                order = (("plain", plain), ("bounded", bounded))
+                for mode, fn in order if i % 2 else order[::-1]:  # alternate which goes first
                     dist.barrier()
                     t0 = time.perf_counter()
                     fn()
@@ -103,7 +104,7 @@ def mpi_cost(iters: int = 400) -> None:
         t = torch.ones(n)
         times = {"plain": [], "bounded": []}
         for i in range(it + 5):
-            for mode in ("plain", "bounded"):
+            for mode in ("plain", "bounded") if i % 2 else ("bounded", "plain"):
                 world.Barrier()
                 t0 = time.perf_counter()
                 if mode == "plain":
