@@ -107,30 +107,25 @@ def _op_code(op: str) -> int:
 
 
 def _encode(op: str, error: BaseException | None, fields: dict[str, list[int]]) -> torch.Tensor:
-    row = torch.zeros(_ROW, dtype=torch.int64)
-    row[0], row[1], row[2] = _op_code(op), int(error is None), int(enabled())
+    row = [_op_code(op), int(error is None), int(enabled())]
     if error is not None:
         msg = f"{type(error).__name__}: {error}".encode()
         if len(msg) > MSG_BYTES:
             msg = msg[: MSG_BYTES - 3] + b"..."
-        buf = bytearray(MSG_BYTES)
-        buf[: len(msg)] = msg
-        row[_HEADER : _HEADER + MSG_BYTES // 8] = torch.frombuffer(buf, dtype=torch.int64)
-        return row
+        row += struct.unpack(f"<{MSG_BYTES // 8}q", msg.ljust(MSG_BYTES, b"\0"))
+        return torch.tensor(row + [0] * (_ROW - len(row)), dtype=torch.int64)
     if len(fields) > _MAX_FIELDS:
         raise AssertionError(f"internal: {len(fields)} fields; at most {_MAX_FIELDS}")
-    flat = []
+    row += [0] * (MSG_BYTES // 8)
     for n, v in fields.items():
         if len(v) > _WIDTH - 1:
             raise AssertionError(f"internal: field {n} too long")
-        flat += [len(v), *v, *[0] * (_WIDTH - 1 - len(v))]
-    off = _HEADER + MSG_BYTES // 8
-    row[off : off + len(flat)] = torch.tensor(flat, dtype=torch.int64)
-    return row
+        row += [len(v), *v, *[0] * (_WIDTH - 1 - len(v))]
+    return torch.tensor(row + [0] * (_ROW - len(row)), dtype=torch.int64)
 
 
-def _message(row: torch.Tensor) -> str:
-    raw = row[_HEADER : _HEADER + MSG_BYTES // 8].contiguous().numpy().tobytes()
+def _message(row: list[int]) -> str:
+    raw = struct.pack(f"<{MSG_BYTES // 8}q", *row[_HEADER : _HEADER + MSG_BYTES // 8])
     return raw.rstrip(b"\0").decode("utf-8", errors="replace")
 
 
@@ -166,9 +161,9 @@ def agree(
         if error is not None:
             raise error
         return {n: [tuple(v)] for n, v in fields.items()}
-    table = comm.all_gather(_encode(op, error, fields))  # (W, _ROW)
+    table = comm.all_gather(_encode(op, error, fields)).tolist()  # (W, _ROW) as Python ints
     w, me = comm.world_size, comm.rank
-    ops = table[:, 0].tolist()
+    ops = [row[0] for row in table]
     if len(set(ops)) > 1:
         mine = ops[me]
         other = [r for r in range(w) if ops[r] != mine]
@@ -177,7 +172,7 @@ def agree(
             f"{other} called something else (every rank of the group must make the same seqpar calls in "
             "the same order)"
         )
-    failed = [r for r in range(w) if table[r, 1] == 0]
+    failed = [r for r in range(w) if table[r][1] == 0]
     if failed:
         if error is not None:
             raise error
@@ -191,13 +186,13 @@ def agree(
     problems = []
     for i, n in enumerate(fields):
         base = off + i * _WIDTH
-        per_rank = [tuple(table[r, base + 1 : base + 1 + int(table[r, base])].tolist()) for r in range(w)]
+        per_rank = [tuple(table[r][base + 1 : base + 1 + table[r][base]]) for r in range(w)]
         out[n] = per_rank
         if check and n in must_match and len(set(per_rank)) > 1:
             vals = ", ".join(f"rank {r}: {_decode(n, v)}" for r, v in enumerate(per_rank))
             problems.append(f"'{n}' differs across ranks ({vals})")
-    if check and len(set(table[:, 2].tolist())) > 1:
-        problems.append(f"SEQPAR_CHECK differs across ranks (on: {[r for r in range(w) if table[r, 2]]})")
+    if check and len({row[2] for row in table}) > 1:
+        problems.append(f"SEQPAR_CHECK differs across ranks (on: {[r for r in range(w) if table[r][2]]})")
     if problems:
         raise ValueError(f"seqpar (rank {me}): " + "; ".join(problems))
     return out
