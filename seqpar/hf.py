@@ -207,10 +207,16 @@ def attention_forward(
             )
         if window is not None and not is_causal:
             raise ValueError(f"seqpar (rank {rank}): sliding_window={window} without causal masking is not supported")
-        return {"position_ids stats": _position_fields(position_ids)} if check_pos else {}
+        return {"position_ids stats": _position_fields(position_ids) if check_pos else [-1] * 5}
 
     def after(table: dict[str, list[tuple[int, ...]]]) -> None:
-        if check_pos:
+        checked = [r for r, v in enumerate(table["position_ids stats"]) if v[0] != -1]
+        if checked and len(checked) != comm.world_size:
+            raise ValueError(
+                f"seqpar (rank {rank}): position_ids were given (layer 0, no seqpar_document_ids, SEQPAR_CHECK on) "
+                f"on rank(s) {checked} only; every rank must call the model the same way"
+            )
+        if checked:
             first = position_ids.reshape(-1, position_ids.shape[-1])[0, :6].tolist()
             _check_positions(table, rank, comm.world_size, layout, first)
 
