@@ -2,6 +2,7 @@
 
     python benchmarks/never_hang_cost.py --wait          # gloo, W=2: plain call vs async_op + bounded wait
     python benchmarks/never_hang_cost.py --fingerprint   # one process: checks.fingerprint(q) vs q.sum()
+    python benchmarks/never_hang_cost.py --exchange      # gloo, W=2: the verdict exchange vs a tiny all-reduce
     mpiexec -n 2 python benchmarks/never_hang_cost.py --mpi   # mpi4py: blocking vs non-blocking + Test loop
 
 1. torch.distributed over gloo, 2 ranks x 1 thread: median time of ``dist.all_reduce`` / all-gather /
@@ -72,6 +73,46 @@ def wait_cost(iters: int = 400) -> None:
               f"diff {bounded - plain:+9.1f} us ({(bounded / plain - 1) * 100:+5.1f} %)")
 
 
+def _exchange_worker(rank, world_size, iters):
+    import torch.distributed as dist
+
+    import seqpar
+    from seqpar import checks
+    from seqpar.comm import get_communicator
+
+    comm = get_communicator(None)
+    q = torch.randn(1, 4, 16, 64, generator=torch.Generator().manual_seed(0))
+    k, v = torch.randn(1, 4, 32, 64), torch.randn(1, 4, 32, 64)
+    fields = {f"field {i}": (1, 2, 3) for i in range(8)}
+    tiny = torch.ones(8)
+    calls = {
+        "all_reduce of 8 floats": lambda: comm.all_reduce(tiny),
+        "exchange (checks.agree, 8 fields)": lambda: checks.agree(comm, "bench", lambda: (fields, {})),
+        "kv_sharded_attention, whole call": lambda: seqpar.kv_sharded_attention(q, k, v),
+    }
+    times = {name: [] for name in calls}
+    for i in range(iters + 20):
+        names = list(calls) if i % 2 else list(calls)[::-1]
+        for name in names:
+            dist.barrier()
+            t0 = time.perf_counter()
+            calls[name]()
+            if i >= 20:
+                times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) * 1e6 for n, t in times.items()}
+
+
+def exchange_cost(iters: int = 1000) -> None:
+    from dist_pool import Pool
+
+    pool = Pool(2)
+    per_rank = pool.run(_exchange_worker, iters, timeout=900)
+    pool.close()
+    print("\ngloo, W=2, 1 thread/rank, interleaved after a barrier: median us per call (slowest rank)")
+    for name in per_rank[0]:
+        print(f"  {name:>36}: {max(r[name] for r in per_rank):8.1f} us")
+
+
 def fingerprint_cost() -> None:
     from seqpar import checks
 
@@ -121,7 +162,7 @@ def mpi_cost(iters: int = 400) -> None:
 
 
 if __name__ == "__main__":
-    args = set(sys.argv[1:]) or {"--wait", "--fingerprint"}
+    args = set(sys.argv[1:]) or {"--wait", "--fingerprint", "--exchange"}
     if "--mpi" in args:
         mpi_cost()
         sys.exit(0)
@@ -130,3 +171,5 @@ if __name__ == "__main__":
         wait_cost()
     if "--fingerprint" in args:
         fingerprint_cost()
+    if "--exchange" in args:
+        exchange_cost()

@@ -71,7 +71,11 @@ def softmax(scores_local: Any, *, group: Any = None, dim: int = -1) -> Any:
         dim: the dimension the rows are split along.
 
     Returns:
-        This rank's slice of the weights, same shape and dtype (numpy in, numpy out).
+        This rank's slice of the weights, same shape and dtype (numpy in, numpy out). Any strides.
+
+    Errors never hang: a local argument error (not a floating tensor, ``dim`` out of range) is carried
+    through the one cross-rank exchange (:func:`seqpar.checks.agree`), so every rank raises; shapes
+    (except along ``dim``), dtype and ``dim`` that differ across ranks raise ``ValueError`` on every rank.
     """
     x, was_np = to_torch(scores_local)
     comm = get_communicator(group)

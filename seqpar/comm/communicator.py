@@ -21,7 +21,9 @@ the process group's (300 s under ``seqpar.init_distributed``, 30 min under a pla
 deadline. A transfer a peer never joins (one rank skipped the call -- e.g. ran backward only on
 some ranks -- took another code path, or died) raises :class:`PeerTimeout` naming the operation, its
 shape and bytes, the rank and the likely cause. The group is unusable afterwards (the peer's side of
-the transfer may still be pending): end the job. Under MPI an uncaught exception aborts the job
+the transfer may still be pending): end the job. A peer that is only late by more than the limit (a
+rank busy elsewhere, e.g. writing a checkpoint, while the others enter the next seqpar call) raises it
+too: jobs with such phases need a larger ``SEQPAR_TIMEOUT_S``. Under MPI an uncaught exception aborts the job
 (:func:`install_mpi_abort_hook`) instead of leaving the other ranks waiting.
 Measured cost of the bounded wait against the plain blocking call: see the README ("Bad input never hangs").
 """
