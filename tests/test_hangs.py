@@ -291,3 +291,22 @@ def test_a_collective_a_peer_never_joins_raises_within_seqpar_timeout(case):
     assert "did not complete within 3 s" in msg and "a peer did not join" in msg, msg
     assert "rank 1 of 2" in msg and "bytes" in msg and "backward only on some ranks" in msg, msg
     assert PEER_TIMEOUT_S * 0.9 <= secs < PEER_TIMEOUT_S + 10, secs
+
+
+def test_timeout_setting_is_validated(monkeypatch):
+    from seqpar.comm import timeout_s
+
+    monkeypatch.setenv("SEQPAR_TIMEOUT_S", "2.5")
+    assert timeout_s() == 2.5
+    set_timeout(7)
+    try:
+        assert timeout_s() == 7.0  # the function wins over the environment
+    finally:
+        set_timeout(None)
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        monkeypatch.setenv("SEQPAR_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="SEQPAR_TIMEOUT_S"):
+            timeout_s()
+    for bad in (0, -3, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="seconds="):
+            set_timeout(bad)

@@ -460,7 +460,7 @@ def install_mpi_abort_hook() -> None:
             sys.stderr.write(f"seqpar: uncaught {kind.__name__} on MPI rank {MPI.COMM_WORLD.Get_rank()}: "
                              "aborting the MPI job\n")
             sys.stderr.flush()
-            time.sleep(0.2)  # let the launcher forward the traceback before the abort tears the job down
+            time.sleep(1.0)  # let the launcher forward the traceback before the abort tears the job down
         finally:
             MPI.COMM_WORLD.Abort(1)
 
