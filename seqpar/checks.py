@@ -140,7 +140,8 @@ def agree(
 ) -> dict[str, list[tuple[int, ...]]]:
     """Run ``validate()`` (local checks) and settle the outcome with every rank of ``comm``.
 
-    ``validate`` raises ``ValueError``/``TypeError`` for a local error, else returns
+    ``validate`` raises ``ValueError``/``TypeError`` for a local error (any exception is carried the same
+    way and re-raised unchanged on its rank), else returns
     ``(must_match, info)``: fields (name -> int or up to 5 ints) that must be equal on every rank,
     and fields that may differ (returned to the caller). Always one all-gather when W > 1, so a
     rank's local error cannot leave the others waiting. Returns ``{name: [value per rank]}`` for the
@@ -153,7 +154,7 @@ def agree(
         got = validate()
         if got is not None:
             must_match, info = got
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - any local failure must reach the other ranks, then re-raise here
         error = e
     check = enabled()
     fields = {n: _as_list(v) for n, v in {**info, **(must_match if check else {})}.items()}  # info first: same slots
