@@ -177,7 +177,9 @@ def attention_forward(
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     window = kwargs.get("sliding_window")
-    ok_mask = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.bool
+    ok_mask = (
+        isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.bool
+    )
     key_padding_mask = attention_mask if ok_mask else None  # anything else: refused by extra() below
     position_ids = kwargs.get("position_ids")
     check_pos = (
@@ -187,12 +189,16 @@ def attention_forward(
 
     def extra() -> dict[str, Any]:
         if dropout:
-            raise ValueError(f"seqpar (rank {rank}): attention dropout={dropout} is not supported; set attention_dropout=0")
+            raise ValueError(
+                f"seqpar (rank {rank}): attention dropout={dropout} is not supported; set attention_dropout=0"
+            )
         bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
         if bad:
             raise ValueError(f"seqpar (rank {rank}): unsupported attention arguments {bad}")
         if kwargs.get("output_attentions"):
-            raise ValueError(f"seqpar (rank {rank}): output_attentions=True is not supported (weights are never formed)")
+            raise ValueError(
+                f"seqpar (rank {rank}): output_attentions=True is not supported (weights are never formed)"
+            )
         if query.shape[2] != key.shape[2]:
             raise ValueError(
                 f"seqpar (rank {rank}): {query.shape[2]} queries but {key.shape[2]} keys (a KV cache with past "

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from seqpar import checks
 from seqpar.attention import attention
 from seqpar.comm import get_communicator
-from seqpar import checks
 from seqpar.layout import check_layout, pieces, positions
 
 # Keys of a batch that are split along the sequence; everything else is refused (see shard_batch).

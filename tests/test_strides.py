@@ -90,7 +90,8 @@ def _attention_cases(rank, world_size):
     out.sum().backward()
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     reference.attention(qr, kr, vr)[0].sum().backward()
-    errs[("expanded dout", "ring")] = max(_err(a.grad, seqpar.shard(b.grad)) for a, b in zip((ql, kl, vl), (qr, kr, vr)))
+    pairs = zip((ql, kl, vl), (qr, kr, vr))
+    errs[("expanded dout", "ring")] = max(_err(a.grad, seqpar.shard(b.grad)) for a, b in pairs)
     return errs
 
 

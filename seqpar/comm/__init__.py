@@ -3,9 +3,9 @@
 from seqpar.comm.communicator import (
     Communicator,
     MPICommunicator,
+    PeerTimeout,
     RingComm,
     TorchCommunicator,
-    PeerTimeout,
     get_communicator,
     install_mpi_abort_hook,
     set_timeout,
