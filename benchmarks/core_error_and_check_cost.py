@@ -143,7 +143,7 @@ def check_python_cost(iters: int = 20000) -> None:
     q = torch.randn(1, 4, 16, 64)
     fields = {"q.shape": (1, 4, 16, 64), "k_local.shape (B, H_kv, D)": (1, 4, 64),
               "v_local.shape (B, H_kv, D)": (1, 4, 64), "dtype": 0, "scale": checks.float_code(0.125),
-              "attn_mask.dtype": -1, "return_weights, return_lse": (0, 0)}
+              "attn_mask.dtype": -1}
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()

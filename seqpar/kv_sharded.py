@@ -161,7 +161,6 @@ def kv_sharded_attention(
             "dtype": checks.dtype_code(q.dtype),
             "scale": checks.float_code(sc),
             "attn_mask.dtype": checks.dtype_code(None if mask is None else mask.dtype),
-            "return_weights, return_lse": (int(bool(return_weights)), int(bool(return_lse))),
         }
         if checks.enabled():
             must["q (bit fingerprint; q must be identical on every rank)"] = checks.fingerprint(q)
