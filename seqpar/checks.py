@@ -182,6 +182,11 @@ def agree(
             f"seqpar {op} (rank {me}): rank(s) {failed} failed their local argument checks, so no rank "
             f"runs this call: {detail}"
         )
+    if len({row[2] for row in table}) > 1:  # then the rows' field slots differ too: nothing else is comparable
+        raise ValueError(
+            f"seqpar (rank {me}): SEQPAR_CHECK differs across ranks (on for rank(s) "
+            f"{[r for r in range(w) if table[r][2]]}, off for the others); set it the same on every rank"
+        )
     out: dict[str, list[tuple[int, ...]]] = {}
     off = _HEADER + MSG_BYTES // 8
     problems = []
@@ -192,8 +197,6 @@ def agree(
         if check and n in must_match and len(set(per_rank)) > 1:
             vals = ", ".join(f"rank {r}: {_decode(n, v)}" for r, v in enumerate(per_rank))
             problems.append(f"'{n}' differs across ranks ({vals})")
-    if check and len({row[2] for row in table}) > 1:
-        problems.append(f"SEQPAR_CHECK differs across ranks (on: {[r for r in range(w) if table[r][2]]})")
     if problems:
         raise ValueError(f"seqpar (rank {me}): " + "; ".join(problems))
     return out

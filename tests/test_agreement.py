@@ -142,3 +142,21 @@ def _loss_vocab(rank, world_size):
 def test_loss_vocabulary_must_agree(dist):
     msgs = dist(2, _loss_vocab, timeout=60)
     assert all(m is not None and "'vocabulary size V' differs" in m and "rank 1: 7" in m for m in msgs), msgs
+
+
+def _check_differs(rank, world_size):
+    import os
+
+    os.environ["SEQPAR_CHECK"] = "0" if rank == 1 else "1"
+    try:
+        seqpar.softmax(torch.zeros(2, 3))
+        return None
+    except ValueError as e:
+        return str(e)
+    finally:
+        os.environ["SEQPAR_CHECK"] = "1"
+
+
+def test_seqpar_check_set_differently_raises_on_every_rank(dist):
+    msgs = dist(2, _check_differs, timeout=60)
+    assert all(m is not None and "SEQPAR_CHECK differs across ranks" in m for m in msgs), msgs
