@@ -95,9 +95,10 @@ def errors() -> None:
 def _check_worker(rank, world_size, iters, shape):
     import seqpar
 
-    torch.manual_seed(rank)
     b, h, sq, sk, d = shape
-    q = torch.randn(b, h, sq, d)
+    torch.manual_seed(0)
+    q = torch.randn(b, h, sq, d)  # replicated: the same on every rank (the check compares a fingerprint)
+    torch.manual_seed(1 + rank)
     k, v = torch.randn(b, h, sk, d), torch.randn(b, h, sk, d)
     times = {"1": [], "0": []}
     for i in range(iters + 50):
@@ -124,7 +125,8 @@ def check_cost(iters: int = 3000) -> None:
 
 
 def check_python_cost(iters: int = 20000) -> None:
-    """The check's local work alone (pack, gather from a fake 2-rank comm, compare): no network."""
+    """The check's local work alone (validate, fingerprint q, pack, gather from a fake 2-rank comm,
+    compare): no network."""
     from seqpar import checks
     from seqpar.comm import Communicator
 
@@ -137,16 +139,17 @@ def check_python_cost(iters: int = 20000) -> None:
             out.view(2, -1).copy_(t.view(1, -1))
 
     comm = Loopback()
+    q = torch.randn(1, 4, 16, 64)
     fields = {"q.shape": (1, 4, 16, 64), "k_local.shape (B, H_kv, D)": (1, 4, 64),
               "v_local.shape (B, H_kv, D)": (1, 4, 64), "dtype": 0, "scale": checks.float_code(0.125),
               "attn_mask.dtype": -1}
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        checks.exchange(comm, fields)
+        checks.agree(comm, "kv_sharded_attention", lambda: ({**fields, "q fingerprint": checks.fingerprint(q)}, {}))
         times.append(time.perf_counter() - t0)
-    print(f"  local part of the check (pack + compare, loopback all-gather, {len(fields)} fields = "
-          f"{len(fields) * 6 * 8} bytes/rank): median {statistics.median(times[100:]) * 1e6:.1f} us")
+    print(f"  local part of the check (fingerprint + pack + compare, loopback all-gather, {len(fields) + 1} fields, "
+          f"{checks.ROW_BYTES} bytes/rank): median {statistics.median(times[100:]) * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

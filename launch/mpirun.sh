@@ -9,6 +9,8 @@
 #   HOSTS=node0,node1 NP=16 launch/mpirun.sh            # several hosts
 #
 # Convention (the same as launch/torchrun.sh): the FIRST argument says what runs; the rest passes through.
+# Python runs as `python -m mpi4py ...` (mpi4py's documented way): an uncaught exception on one rank aborts
+# the whole job (MPI_Abort) instead of leaving the other ranks waiting in their next collective.
 # Ranks join one job through seqpar.init_distributed (mpi4py broadcasts rank 0's address and a free port,
 # then gloo), or talk through mpi4py directly with run.group = "mpi".
 #
@@ -52,7 +54,7 @@ else  # MPICH / Hydra (also Intel MPI, MVAPICH)
 fi
 
 # shellcheck disable=SC2206  # MPI_ARGS is split on spaces on purpose
-cmd=("$MPIEXEC" "${args[@]}" ${MPI_ARGS:-} "$PYTHON" "${target[@]}")
+cmd=("$MPIEXEC" "${args[@]}" ${MPI_ARGS:-} "$PYTHON" -m mpi4py "${target[@]}")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "# $flavour"
   echo "${cmd[*]}"

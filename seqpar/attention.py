@@ -20,13 +20,14 @@ too, and only partial blocks get a (block-sized) mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from seqpar import checks
 from seqpar.comm import get_communicator
-from seqpar.layout import LAYOUTS, positions, shard_sizes
+from seqpar.layout import LAYOUTS, check_layout, positions, shard_sizes
 from seqpar.ops.masks import MaskSpec, Tokens
 from seqpar.plan import STRATEGIES, plan
 from seqpar.strategies.allgather import AllGatherAttention
@@ -57,7 +58,7 @@ def attention(
         q_local: ``(B, H, S_r, D)``: this rank's queries (``S_r`` as the layout gives it).
         k_local, v_local: ``(B, H_kv, S_r, D)``: this rank's keys and values; ``H % H_kv == 0``
             (GQA/MQA; query head h uses kv head ``h // (H / H_kv)``; never repeated on the wire).
-        group: None (default torch.distributed group) or a ``ProcessGroup``.
+        group: None (default torch.distributed group), a ``ProcessGroup`` or an mpi4py ``Comm``.
         is_causal: key j is visible to query i when ``j <= i`` (global positions).
         scale: score scale, default ``D ** -0.5``.
         layout: ``"contiguous"`` or ``"zigzag"`` -- which global positions this rank holds.
@@ -68,47 +69,72 @@ def attention(
 
     Returns:
         ``(B, H, S_r, D)``: this rank's slice of the output, in q's dtype; rows that see no key are 0.
+        Any strides are accepted (views, expanded, transposed).
 
-    Every rank must pass the same shapes (except ``S_r``), dtype, scale and options; otherwise every
-    rank raises ``ValueError`` naming the argument and the ranks' values.
+    Errors never hang: local argument errors are carried through the one cross-rank exchange
+    (:func:`seqpar.checks.agree`), so every rank raises (this rank its own error, the others a
+    ``ValueError`` naming it); arguments that must agree (shapes except ``S_r``, dtype, scale,
+    options) and differ raise ``ValueError`` on every rank naming the argument and the ranks' values.
     """
+    return _attention(
+        q_local, k_local, v_local, group=group, is_causal=is_causal, scale=scale, layout=layout, strategy=strategy,
+        key_padding_mask=key_padding_mask, window_size=window_size, document_ids=document_ids,
+    )
+
+
+def _attention(
+    q_local, k_local, v_local, *, group, is_causal, scale, layout, strategy, key_padding_mask, window_size,
+    document_ids, op: str = "attention", extra: Callable[[], dict[str, Any]] | None = None,
+    after: Callable[[dict[str, list[tuple[int, ...]]]], None] | None = None,
+) -> torch.Tensor:
+    """:func:`attention`, with hooks for integrations (:mod:`seqpar.hf`): ``extra()`` runs among the
+    local checks (may raise; returns more info fields for the exchange), ``after(table)`` runs on every
+    rank after the exchange (may raise: the same on every rank, it sees every rank's fields)."""
     comm = get_communicator(group)
     rank = comm.rank
-    checks.check_qkv(q_local, k_local, v_local, rank)
-    b, h, s_r, d = q_local.shape
-    if k_local.shape[2] != s_r:
-        raise ValueError(f"rank {rank}: q_local holds {s_r} tokens but k_local holds {k_local.shape[2]}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
-    if strategy != "auto" and strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}; allowed: 'auto', {', '.join(map(repr, STRATEGIES))}")
-    if window_size is not None and (not isinstance(window_size, int) or window_size < 0):
-        raise ValueError(f"rank {rank}: window_size={window_size!r}; allowed: None or an int >= 0")
-    for name, t, want in (("key_padding_mask", key_padding_mask, "bool"), ("document_ids", document_ids, "int")):
-        if t is None:
-            continue
-        if tuple(t.shape) != (b, s_r):
-            raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}; expected (B, S_local) = {(b, s_r)}")
-        if (want == "bool") != (t.dtype == torch.bool) or (want == "int" and t.is_floating_point()):
-            raise ValueError(f"rank {rank}: {name}.dtype={t.dtype}; expected {want}")
-    scale = d**-0.5 if scale is None else float(scale)
-    table = checks.exchange(
-        comm,
-        {
+
+    def validate():
+        checks.check_qkv(q_local, k_local, v_local, rank)
+        b, h, s_r, d = q_local.shape
+        if k_local.shape[2] != s_r:
+            raise ValueError(f"rank {rank}: q_local holds {s_r} tokens but k_local holds {k_local.shape[2]}")
+        check_layout(layout)
+        if strategy != "auto" and strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}; allowed: 'auto', {', '.join(map(repr, STRATEGIES))}")
+        if window_size is not None and (
+            isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0
+        ):
+            raise ValueError(f"rank {rank}: window_size={window_size!r}; allowed: None or an int >= 0")
+        for name, t, want in (("key_padding_mask", key_padding_mask, "bool"), ("document_ids", document_ids, "int")):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"rank {rank}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != (b, s_r):
+                raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}; expected (B, S_local) = {(b, s_r)}")
+            if (want == "bool") != (t.dtype == torch.bool) or (want == "int" and t.is_floating_point()):
+                raise ValueError(f"rank {rank}: {name}.dtype={t.dtype}; expected {want}")
+        sc = d**-0.5 if scale is None else float(scale)
+        info = {"S_local": s_r, **(extra() if extra is not None else {})}
+        return {
             "q_local.shape (B, H, D)": (b, h, d),
             "k_local.shape (B, H_kv, D)": (k_local.shape[0], k_local.shape[1], k_local.shape[3]),
             "v_local.shape (B, H_kv, D)": (v_local.shape[0], v_local.shape[1], v_local.shape[3]),
             "dtype": checks.dtype_code(q_local.dtype),
-            "scale": checks.float_code(scale),
-            "is_causal": int(is_causal),
+            "scale": checks.float_code(sc),
+            "is_causal": int(bool(is_causal)),
             "window_size": -1 if window_size is None else window_size,
             "layout": LAYOUTS.index(layout),
             "strategy": -1 if strategy == "auto" else STRATEGIES.index(strategy),
             "key_padding_mask given": int(key_padding_mask is not None),
             "document_ids given": int(document_ids is not None),
-        },
-        info={"S_local": s_r},
-    )
+        }, info
+
+    table = checks.agree(comm, op, validate)
+    if after is not None:
+        after(table)
+    b, h, s_r, d = q_local.shape
+    scale = d**-0.5 if scale is None else float(scale)
     sizes = [v[0] for v in table["S_local"]]
     seq_len, w = sum(sizes), comm.world_size
     expected = shard_sizes(seq_len, w, layout)
@@ -125,7 +151,7 @@ def attention(
         keeps = [t.bool() for t in keeps]
     dev = q_local.device
     tokens = [Tokens(positions(seq_len, w, r, layout).to(dev), docs[r], keeps[r]) for r in range(w)]
-    setup = Setup(comm, scale, MaskSpec(is_causal, window_size), sizes, tokens)
+    setup = Setup(comm, scale, MaskSpec(bool(is_causal), window_size), sizes, tokens)
     if strategy == "auto":
         strategy = plan(
             batch=b, heads=h, kv_heads=k_local.shape[1], seq_len=seq_len, head_dim=d, world_size=w,

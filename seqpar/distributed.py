@@ -104,7 +104,10 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 300) -> t
     Launchers: torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
     MPI (``OMPI_COMM_WORLD_RANK/SIZE``, ``PMI_RANK/PMI_SIZE``; bootstrapped through mpi4py), else
     one process. With NCCL the CUDA device is set from the local rank. Idempotent: when a group
-    exists already, returns its rank and size.
+    exists already, returns its rank and size. Under MPI it also installs a ``sys.excepthook`` that
+    aborts ``MPI.COMM_WORLD`` on an uncaught exception (``seqpar.comm.install_mpi_abort_hook``), so one
+    failing rank ends the job instead of leaving the others waiting. seqpar's own collectives are
+    bounded by a shorter timeout of their own (``SEQPAR_TIMEOUT_S``, default 60 s; see seqpar.comm).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -122,6 +125,9 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 300) -> t
         rank, world, init_method = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://"
     elif kind == "mpi":
         rank, world, init_method = _mpi_rendezvous()
+        from seqpar.comm import install_mpi_abort_hook
+
+        install_mpi_abort_hook()  # an uncaught exception on one rank ends the job, not just this rank
     else:
         rank, world, init_method = 0, 1, f"tcp://127.0.0.1:{free_port()}"
     if backend == "nccl":

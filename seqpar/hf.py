@@ -18,8 +18,9 @@ What the model must be given, and what transformers passes on to the attention f
 
 - ``input_ids``: this rank's shard only (``seqpar.nn.shard_batch``).
 - ``position_ids``: the *global* positions of the shard (rotary embeddings). Required: without them
-  the model numbers the shard from 0. Checked against the layout once per forward (layer 0: one
-  all-gather of 5 ints; every rank raises the same ``ValueError`` on a mismatch); skipped with
+  the model numbers the shard from 0. Checked against the layout once per forward (layer 0: 5 ints
+  per rank in the attention call's one cross-rank exchange; every rank raises the same ``ValueError`` on
+  a mismatch); skipped with
   ``seqpar_document_ids`` (packed sequences may restart positions per document) or ``SEQPAR_CHECK=0``.
 - Causal (and sliding-window, from the ``sliding_window`` kwarg models such as Mistral pass) masking
   is done by seqpar on global positions: whatever mask transformers would build from the *local*
@@ -45,9 +46,9 @@ from typing import Any
 
 import torch
 
-from seqpar.attention import attention
+from seqpar.attention import _attention
 from seqpar.comm import get_communicator
-from seqpar.layout import LAYOUTS, positions
+from seqpar.layout import check_layout, positions
 from seqpar.plan import STRATEGIES
 
 try:
@@ -82,8 +83,7 @@ def register(*, group: Any = None, layout: str = "contiguous", strategy: str = "
     The options are process-wide (every model using ``name``). Importing :mod:`seqpar.hf` already
     registers ``"seqpar"`` with the defaults.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
+    check_layout(layout)
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; allowed: 'auto', {', '.join(map(repr, STRATEGIES))}")
     _OPTIONS.update(group=group, layout=layout, strategy=strategy)
@@ -131,21 +131,25 @@ def _stats(pos: torch.Tensor) -> list[int]:
     return [p.numel(), int(p.sum()), int((p * p).sum()), breaks]
 
 
-def _check_positions(position_ids: torch.Tensor, comm: Any, layout: str) -> None:
+def _position_fields(position_ids: torch.Tensor) -> list[int]:
+    """This rank's ``[S_local, sum, sum of squares, #breaks, rows differ]`` of its position ids."""
+    rows = position_ids.reshape(-1, position_ids.shape[-1])  # (B or 1, S_local)
+    return [*_stats(rows[0]), int(bool((rows != rows[:1]).any()))]
+
+
+def _check_positions(table: dict[str, list[tuple[int, ...]]], rank: int, w: int, layout: str, first: list) -> None:
     """Raise on every rank when some rank's position ids are not its global positions under ``layout``.
 
-    One all-gather of 5 ints: each rank's ``[S_local, sum, sum of squares, #breaks, rows differ]``,
-    compared with what the layout gives (catches local ``arange`` positions and a wrong layout).
+    The 5 ints per rank travel in the attention call's one exchange (no extra collective); compared
+    with what the layout gives (catches local ``arange`` positions and a wrong layout).
     """
-    rows = position_ids.reshape(-1, position_ids.shape[-1])  # (B or 1, S_local)
-    mine = [*_stats(rows[0]), int(bool((rows != rows[:1]).any()))]
-    table = comm.all_gather(torch.tensor(mine, dtype=torch.int64)).tolist()  # (W, 5)
-    seq_len, w = sum(r[0] for r in table), comm.world_size
-    bad = [r for r in range(w) if table[r] != [*_stats(positions(seq_len, w, r, layout)), 0]]
+    per_rank = [list(v) for v in table["position_ids stats"]]
+    seq_len = sum(r[0] for r in per_rank)
+    bad = [r for r in range(w) if per_rank[r] != [*_stats(positions(seq_len, w, r, layout)), 0]]
     if bad:
         raise ValueError(
-            f"seqpar (rank {comm.rank}): position_ids on rank(s) {bad} are not the global positions of their "
-            f"shard for layout {layout!r} (S={seq_len}, {w} ranks; this rank got {rows[0, :6].tolist()}...) -- "
+            f"seqpar (rank {rank}): position_ids on rank(s) {bad} are not the global positions of their "
+            f"shard for layout {layout!r} (S={seq_len}, {w} ranks; this rank got {first}...) -- "
             "pass position_ids=seqpar.nn.shard_batch(...)['position_ids'], the same layout to "
             "seqpar.hf.register(layout=...), or seqpar_document_ids= for packed sequences whose positions restart"
         )
@@ -161,47 +165,72 @@ def attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The ``AttentionInterface`` function: returns ``(attn_output (B, S_local, H, D), None)``."""
+    """The ``AttentionInterface`` function: returns ``(attn_output (B, S_local, H, D), None)``.
+
+    Its checks (unsupported arguments, mask form, position ids) run inside the attention call's one
+    cross-rank exchange: an error on one rank raises on every rank, never leaving the others waiting.
+    """
     group, layout, strategy = _OPTIONS["group"], _OPTIONS["layout"], _OPTIONS["strategy"]
     comm = get_communicator(group)
     rank = comm.rank
-    if dropout:
-        raise ValueError(f"seqpar (rank {rank}): attention dropout={dropout} is not supported; set attention_dropout=0")
-    bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
-    if bad:
-        raise ValueError(f"seqpar (rank {rank}): unsupported attention arguments {bad}")
-    if kwargs.get("output_attentions"):
-        raise ValueError(f"seqpar (rank {rank}): output_attentions=True is not supported (weights are never formed)")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(
-            f"seqpar (rank {rank}): {query.shape[2]} queries but {key.shape[2]} keys (a KV cache with past tokens?); "
-            "call the model with use_cache=False"
-        )
-    key_padding_mask = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
-            raise ValueError(
-                f"seqpar (rank {rank}): got a {attention_mask.dim()}-D {attention_mask.dtype} attention mask; only "
-                "the 2-D (B, S_local) padding mask passed as attention_mask= can be honoured (causal masking is "
-                "done by seqpar on global positions; packed sequences: seqpar_document_ids=)"
-            )
-        key_padding_mask = attention_mask
     document_ids = kwargs.get("seqpar_document_ids")
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     window = kwargs.get("sliding_window")
-    if window is not None and not is_causal:
-        raise ValueError(f"seqpar (rank {rank}): sliding_window={window} without causal masking is not supported")
-    window_size = None if window is None else int(window) - 1  # HF: key j visible when i - j < sliding_window
+    ok_mask = (
+        isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.bool
+    )
+    key_padding_mask = attention_mask if ok_mask else None  # anything else: refused by extra() below
     position_ids = kwargs.get("position_ids")
-    if (
+    check_pos = (
         position_ids is not None and document_ids is None and getattr(module, "layer_idx", 0) == 0
         and os.environ.get("SEQPAR_CHECK", "1") != "0"
-    ):
-        _check_positions(position_ids, comm, layout)  # once per forward (layer 0): the ids are shared
-    out = attention(
+    )  # once per forward (layer 0): the ids are shared by the layers
+
+    def extra() -> dict[str, Any]:
+        if dropout:
+            raise ValueError(
+                f"seqpar (rank {rank}): attention dropout={dropout} is not supported; set attention_dropout=0"
+            )
+        bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+        if bad:
+            raise ValueError(f"seqpar (rank {rank}): unsupported attention arguments {bad}")
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                f"seqpar (rank {rank}): output_attentions=True is not supported (weights are never formed)"
+            )
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(
+                f"seqpar (rank {rank}): {query.shape[2]} queries but {key.shape[2]} keys (a KV cache with past "
+                "tokens?); call the model with use_cache=False"
+            )
+        if attention_mask is not None and not ok_mask:
+            raise ValueError(
+                f"seqpar (rank {rank}): got a {getattr(attention_mask, 'dim', lambda: '?')()}-D "
+                f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)} attention mask; only "
+                "the 2-D (B, S_local) padding mask passed as attention_mask= can be honoured (causal masking is "
+                "done by seqpar on global positions; packed sequences: seqpar_document_ids=)"
+            )
+        if window is not None and not is_causal:
+            raise ValueError(f"seqpar (rank {rank}): sliding_window={window} without causal masking is not supported")
+        return {"position_ids stats": _position_fields(position_ids) if check_pos else [-1] * 5}
+
+    def after(table: dict[str, list[tuple[int, ...]]]) -> None:
+        checked = [r for r, v in enumerate(table["position_ids stats"]) if v[0] != -1]
+        if checked and len(checked) != comm.world_size:
+            raise ValueError(
+                f"seqpar (rank {rank}): position_ids were given (layer 0, no seqpar_document_ids, SEQPAR_CHECK on) "
+                f"on rank(s) {checked} only; every rank must call the model the same way"
+            )
+        if checked:
+            first = position_ids.reshape(-1, position_ids.shape[-1])[0, :6].tolist()
+            _check_positions(table, rank, comm.world_size, layout, first)
+
+    window_size = None if window is None else int(window) - 1  # HF: key j visible when i - j < sliding_window
+    out = _attention(
         query, key, value, group=group, is_causal=is_causal, scale=scaling, layout=layout, strategy=strategy,
         key_padding_mask=key_padding_mask, window_size=window_size, document_ids=document_ids,
+        op="hf attention", extra=extra, after=after,
     )  # (B, H, S_local, D)
     return out.transpose(1, 2).contiguous(), None  # (B, S_local, H, D)
 

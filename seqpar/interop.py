@@ -9,9 +9,17 @@ import torch
 
 
 def to_torch(x: Any) -> tuple[Any, bool]:
-    """``(tensor, was_numpy)``; None passes through."""
+    """``(tensor, was_numpy)``; None passes through.
+
+    Any numpy layout is accepted: views with any strides (transposed, Fortran-order, sliced,
+    ``np.broadcast_to``) and non-native byte order are copied into a C-contiguous, native array
+    (mpi4py and torch need one); a C-contiguous native array is shared, not copied."""
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x)), True
+        native = x.dtype.newbyteorder("=") if x.dtype.byteorder not in ("=", "|") else x.dtype
+        arr = np.ascontiguousarray(x, dtype=native)
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only memory (e.g. np.broadcast_to)
+            arr = arr.copy()
+        return torch.from_numpy(arr), True
     return x, False
 
 

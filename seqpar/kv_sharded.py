@@ -11,6 +11,15 @@ The decode / long-prefix form (flash-decoding across ranks)::
 Backward (the gradient ``dout`` of the replicated ``out`` is the same on every rank): the local
 block backward with the global ``out``/``lse`` gives ``dk_r, dv_r`` (kept local) and a partial
 ``dq`` that is all-reduced.
+
+Non-finite values: a NaN partial (``out_r`` or ``lse_r``) on any rank reaches every rank through the
+SUM all-reduce (never through the MAX one), so a row is NaN exactly when single-device SDPA makes it
+NaN on the local kernel; rows that see no key (every ``lse_r = -inf``, so ``z = 0``) stay exactly 0.
+
+Cross-rank check: besides shapes, dtype, scale and mask kind, the one all-gather of
+:func:`seqpar.checks.agree` carries a bit fingerprint of ``q`` (three int64 sums of its bits, one read
+of q: see ``checks.fingerprint``), so a q that is not identical on every rank raises ``ValueError`` on
+every rank instead of giving a wrong result. ``SEQPAR_CHECK=0`` switches the comparison off.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ def _merge_across_ranks(comm: Communicator, out: torch.Tensor, lse: torch.Tensor
     buf = torch.cat([out.to(w.dtype) * w, w], dim=-1).contiguous()  # (B, H, Sq, D + 1)
     comm.all_reduce(buf, "sum")
     acc, z = buf[..., :-1], buf[..., -1:]
-    out = torch.where(z > 0, acc / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(acc))
+    out = acc / z.masked_fill(z == 0, 1)  # z == 0 only when every rank's lse is -inf (acc == 0); NaN stays NaN
     return out, global_lse_from_max_sum(m, z.squeeze(-1))
 
 
@@ -126,31 +135,39 @@ def kv_sharded_attention(
     """
     (q, np_q), (k, _), (v, _), (mask, _) = (to_torch(x) for x in (q, k_local, v_local, attn_mask))
     comm = get_communicator(group)
-    checks.check_qkv(q, k, v, comm.rank)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"rank {comm.rank}: attn_mask must be a tensor, got {type(mask).__name__}")
-        try:
-            torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[2]))
-        except RuntimeError:
-            raise ValueError(
-                f"rank {comm.rank}: attn_mask shape {tuple(mask.shape)} does not broadcast to "
-                f"(B, H, Sq, Sk_local) = {(*q.shape[:-1], k.shape[2])}"
-            ) from None
-        if mask.dim() == 4 and mask.shape[1] not in (1, q.shape[1]):
-            raise ValueError(f"rank {comm.rank}: attn_mask head dim {mask.shape[1]}; allowed: 1 or H={q.shape[1]}")
-    checks.exchange(
-        comm,
-        {
+    rank = comm.rank
+
+    def validate():
+        checks.check_qkv(q, k, v, rank)
+        sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"rank {rank}: attn_mask must be a tensor, got {type(mask).__name__}")
+            if mask.dtype != torch.bool and not mask.is_floating_point():
+                raise ValueError(f"rank {rank}: attn_mask.dtype={mask.dtype}; allowed: torch.bool or a float dtype")
+            try:
+                torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[2]))
+            except RuntimeError:
+                raise ValueError(
+                    f"rank {rank}: attn_mask shape {tuple(mask.shape)} does not broadcast to "
+                    f"(B, H, Sq, Sk_local) = {(*q.shape[:-1], k.shape[2])}"
+                ) from None
+            if mask.dim() == 4 and mask.shape[1] not in (1, q.shape[1]):
+                raise ValueError(f"rank {rank}: attn_mask head dim {mask.shape[1]}; allowed: 1 or H={q.shape[1]}")
+        must = {
             "q.shape": tuple(q.shape),
             "k_local.shape (B, H_kv, D)": (k.shape[0], k.shape[1], k.shape[3]),
             "v_local.shape (B, H_kv, D)": (v.shape[0], v.shape[1], v.shape[3]),
             "dtype": checks.dtype_code(q.dtype),
-            "scale": checks.float_code(scale),
+            "scale": checks.float_code(sc),
             "attn_mask.dtype": checks.dtype_code(None if mask is None else mask.dtype),
-        },
-    )
+        }
+        if checks.enabled():
+            must["q (bit fingerprint; q must be identical on every rank)"] = checks.fingerprint(q)
+        return must, {}
+
+    checks.agree(comm, "kv_sharded_attention", validate)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = _KVSharded.apply(q, k, v, mask, comm, scale)
     result = [back(out, np_q)]
     if return_weights:

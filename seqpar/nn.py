@@ -34,15 +34,17 @@ Run the example: ``NPROC=2 launch/torchrun.sh examples/train_recall.py`` (see ``
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from seqpar import checks
 from seqpar.attention import attention
 from seqpar.comm import get_communicator
-from seqpar.layout import LAYOUTS, pieces, positions
+from seqpar.layout import check_layout, pieces, positions
 
 # Keys of a batch that are split along the sequence; everything else is refused (see shard_batch).
 SEQUENCE_KEYS = (
@@ -71,8 +73,7 @@ class SequenceParallelAttention(torch.nn.Module):
         window_size: int | None = None,
     ) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
+        check_layout(layout)
         self.group = group
         self.is_causal = is_causal
         self.layout = layout
@@ -142,8 +143,7 @@ def shard_batch(
         next rank's first token). ``position_ids`` are the global positions of this rank's tokens,
         created from the layout when absent (shape of ``input_ids``' shard, int64).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
+    check_layout(layout)  # no collective here: a local error cannot leave another rank waiting
     comm = get_communicator(group)
     rank, w = comm.rank, comm.world_size
     unknown = sorted(set(batch) - set(SEQUENCE_KEYS))
@@ -219,13 +219,24 @@ def sequence_parallel_loss(
         logits; sum parameter gradients across ranks with :func:`sync_gradients`.
     """
     comm = get_communicator(group)
-    if tuple(logits_local.shape[:-1]) != tuple(shift_labels.shape):
-        raise ValueError(
-            f"rank {comm.rank}: logits_local has shape {tuple(logits_local.shape)} but shift_labels has "
-            f"{tuple(shift_labels.shape)}; expected (..., S_local, V) and (..., S_local)"
-        )
-    if shift_labels.is_floating_point():
-        raise ValueError(f"rank {comm.rank}: shift_labels.dtype={shift_labels.dtype}; expected an int dtype")
+
+    def validate():
+        for name, t in (("logits_local", logits_local), ("shift_labels", shift_labels)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"rank {comm.rank}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if logits_local.dim() < 2 or tuple(logits_local.shape[:-1]) != tuple(shift_labels.shape):
+            raise ValueError(
+                f"rank {comm.rank}: logits_local has shape {tuple(logits_local.shape)} but shift_labels has "
+                f"{tuple(shift_labels.shape)}; expected (..., S_local, V) and (..., S_local)"
+            )
+        if not logits_local.is_floating_point():
+            raise ValueError(f"rank {comm.rank}: logits_local.dtype={logits_local.dtype}; expected a float dtype")
+        if shift_labels.is_floating_point() or shift_labels.dtype == torch.bool:
+            raise ValueError(f"rank {comm.rank}: shift_labels.dtype={shift_labels.dtype}; expected an int dtype")
+        return {"vocabulary size V": logits_local.shape[-1], "ignore_index": int(ignore_index),
+                "loss dtype (float64 logits or not)": int(logits_local.dtype == torch.float64)}, {}
+
+    checks.agree(comm, "sequence_parallel_loss", validate)
     dtype = torch.float64 if logits_local.dtype == torch.float64 else torch.float32
     logits = logits_local.reshape(-1, logits_local.shape[-1]).to(dtype)  # (N_local, V)
     labels = shift_labels.reshape(-1).to(logits.device)  # (N_local,)
@@ -239,17 +250,38 @@ def sync_gradients(params: torch.nn.Module | Iterable[torch.nn.Parameter], *, gr
     """Sum ``.grad`` of every trainable parameter over the ranks of ``group`` (one all-reduce per dtype).
 
     A parameter without a gradient counts as zeros (and gets a zero gradient), so every rank sends
-    the same buffer layout.
+    the same buffer layout. Every rank must pass the same parameters (count, shapes, dtypes): checked
+    in the one exchange of :func:`seqpar.checks.agree` (a CRC of the list of shapes and dtypes), so a
+    mismatch raises ``ValueError`` on every rank instead of a crash or a silent mix-up of gradients.
     """
     comm = get_communicator(group)
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
-    ps = [p for p in params if p.requires_grad]
-    by_key: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+    params = list(params)
+    ps: list[torch.Tensor] = []
+
+    def validate():
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"rank {comm.rank}: sync_gradients got a {type(p).__name__} among the parameters")
+            if p.requires_grad:
+                ps.append(p)
+        for p in ps:
+            if p.grad is not None and (p.grad.shape != p.shape or p.grad.dtype != p.dtype):
+                raise ValueError(
+                    f"rank {comm.rank}: a parameter of shape {tuple(p.shape)} {p.dtype} has a gradient of shape "
+                    f"{tuple(p.grad.shape)} {p.grad.dtype}"
+                )
+        sig = ";".join(f"{tuple(p.shape)}{p.dtype}" for p in ps).encode()
+        return {"parameters (count, elements)": (len(ps), sum(p.numel() for p in ps)),
+                "parameter shapes and dtypes (CRC32)": zlib.crc32(sig)}, {}
+
+    checks.agree(comm, "sync_gradients", validate)
+    by_key: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for p in ps:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_key.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        by_key.setdefault((p.dtype, p.device), []).append(p)
     if comm.world_size == 1:
         return
     for group_ps in by_key.values():

@@ -8,6 +8,12 @@
 
 Statistics are float32 (float64 for float64 input); the result has the input dtype.
 Differentiable: the backward all-reduces ``sum_j alpha_ij g_ij`` once.
+
+Non-finite scores propagate as in ``torch.softmax`` on the whole row, whichever rank holds them: a NaN
+or +inf anywhere in a row makes that row NaN on every rank (the rank holding it gets NaN in its exp-sum,
+and the SUM all-reduce carries the NaN to all; no rank relies on the MAX all-reduce propagating NaN).
+A row whose scores are all -inf gives 0 (``torch.softmax`` gives NaN there): ``z == 0`` happens only
+then, since otherwise the row's maximum contributes ``exp(0) = 1``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class _DistSoftmax(torch.autograd.Function):
         e = torch.exp(x - finite_or_zero(m))
         z = e.sum(dim, keepdim=True).contiguous()
         comm.all_reduce(z, "sum")
-        w = torch.where(z > 0, e / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(e))
+        w = e / z.masked_fill(z == 0, 1)  # z == 0: every score -inf -> e == 0 -> w == 0; NaN z stays NaN
         ctx.save_for_backward(w)
         ctx.comm, ctx.dim = comm, dim
         return w.to(scores.dtype)
@@ -65,25 +71,30 @@ def softmax(scores_local: Any, *, group: Any = None, dim: int = -1) -> Any:
         dim: the dimension the rows are split along.
 
     Returns:
-        This rank's slice of the weights, same shape and dtype (numpy in, numpy out).
+        This rank's slice of the weights, same shape and dtype (numpy in, numpy out). Any strides.
+
+    Errors never hang: a local argument error (not a floating tensor, ``dim`` out of range) is carried
+    through the one cross-rank exchange (:func:`seqpar.checks.agree`), so every rank raises; shapes
+    (except along ``dim``), dtype and ``dim`` that differ across ranks raise ``ValueError`` on every rank.
     """
     x, was_np = to_torch(scores_local)
     comm = get_communicator(group)
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = f"{type(x).__name__} of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"rank {comm.rank}: scores_local must be a floating tensor or array, got {got}")
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(
-            f"rank {comm.rank}: dim={dim} is out of range for scores_local of shape {tuple(x.shape)}; "
-            f"allowed: {-x.dim()} .. {x.dim() - 1}"
-        )
-    d = dim % x.dim()
-    other = [s for i, s in enumerate(x.shape) if i != d]
-    if len(other) > 4:  # the check packs at most 5 ints per field: fold the trailing sizes
-        other = [*other[:3], math.prod(other[3:])]
-    checks.exchange(
-        comm,
-        {"scores_local.shape (without dim)": [x.dim(), *other], "scores_local.dtype": checks.dtype_code(x.dtype),
-         "dim": d},
-    )
-    return back(_DistSoftmax.apply(x, comm, d), was_np)
+
+    def validate():
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"{type(x).__name__} of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"rank {comm.rank}: scores_local must be a floating tensor or array, got {got}")
+        if not -x.dim() <= dim < x.dim():
+            raise ValueError(
+                f"rank {comm.rank}: dim={dim} is out of range for scores_local of shape {tuple(x.shape)}; "
+                f"allowed: {-x.dim()} .. {x.dim() - 1}"
+            )
+        d = dim % x.dim()
+        other = [s for i, s in enumerate(x.shape) if i != d]
+        if len(other) > 4:  # the check packs at most 5 ints per field: fold the trailing sizes
+            other = [*other[:3], math.prod(other[3:])]
+        return {"scores_local.shape (without dim)": [x.dim(), *other],
+                "scores_local.dtype": checks.dtype_code(x.dtype), "dim": d}, {}
+
+    checks.agree(comm, "softmax", validate)
+    return back(_DistSoftmax.apply(x, comm, dim % x.dim()), was_np)

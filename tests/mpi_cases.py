@@ -9,13 +9,16 @@ Cases: seqpar.softmax and seqpar.kv_sharded_attention on numpy arrays (float32, 
 shards incl. a rank with a single key; a bool mask with a fully masked row; weights and LSE) whose
 results must come back as numpy; the same on CPU torch tensors through the MPI communicator (plus
 the backward and bfloat16 softmax); and a cross-rank mismatch that must raise ValueError on every
-rank. Rank 0 prints one line per case with the max error over all ranks; the exit code is 1 when any
+rank; odd layouts (numpy transposed / Fortran-order / strided views, torch non-stride-1 views) against the
+reference; and local argument errors on ONE rank that must raise on every rank within a bound and leave
+COMM_WORLD usable. Rank 0 prints one line per case with the max error over all ranks; the exit code is 1 when any
 case fails on any rank.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import torch
@@ -143,6 +146,86 @@ def case_mismatch() -> None:
     record("cross-rank scale mismatch -> ValueError on every rank", 0.0, 0.0, problem)
 
 
+def odd_np(a: np.ndarray, how: str) -> np.ndarray:
+    """The same values as ``a`` in another memory layout (a numpy view, not contiguous)."""
+    if how == "transposed":  # last dim not stride-1
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)
+    if how == "fortran":
+        return np.asfortranarray(a)
+    if how == "strided":  # every other element of a doubled array
+        big = np.repeat(a, 2, axis=-1)
+        return big[..., ::2]
+    raise AssertionError(how)
+
+
+def case_kv_numpy_layouts() -> None:
+    q, k, v, mask = full_inputs(torch.float64, seed=11)
+    r_out, r_lse, _ = reference.attention(q, k, v, mask=mask)
+    e, problem = 0.0, ""
+    for how in ("transposed", "fortran", "strided"):
+        qn, kn, vn = (odd_np(t.numpy(), how) for t in (q, k[:, :, COLS], v[:, :, COLS]))
+        if qn.flags.c_contiguous:
+            problem = f"{how}: the test input is contiguous"
+        out, lse = seqpar.kv_sharded_attention(qn, kn, vn, group=COMM, attn_mask=odd_np(mask[..., COLS].numpy(), how),
+                                               return_lse=True)
+        e = max(e, err(out, r_out), err(lse, r_lse))
+    record("kv_sharded_attention numpy float64, transposed/Fortran/strided views", e, TOL["float64"], problem)
+
+
+def case_attention_torch_layouts() -> None:
+    """q, k, v whose last dim is not stride-1 (and an expanded K/V head dim) through the MPI communicator."""
+    s = 3 * W + 2
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 4, s, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 1, s, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    r_out, _, _ = reference.attention(q, k, v, mask=reference.sequence_mask(s, is_causal=True))
+    e = 0.0
+    for strategy in ("allreduce", "ring", "allgather"):
+        ql, kl, vl = (seqpar.shard(t, layout="zigzag", group=COMM) for t in (q, k, v))
+        ql = ql.transpose(2, 3).contiguous().transpose(2, 3)
+        kl = kl.expand(1, 2, *kl.shape[2:])  # stride 0 over the kv heads
+        vl = vl.transpose(2, 3).contiguous().transpose(2, 3).expand(1, 2, *vl.shape[2:])
+        out = seqpar.attention(ql, kl, vl, group=COMM, is_causal=True, layout="zigzag", strategy=strategy)
+        ref = seqpar.shard(reference.attention(q, k.expand(1, 2, s, 8), v.expand(1, 2, s, 8),
+                                               mask=reference.sequence_mask(s, is_causal=True))[0],
+                           layout="zigzag", group=COMM)
+        e = max(e, err(out, ref))
+    del r_out
+    record("attention (3 strategies) torch float64, non-stride-1 and expanded inputs (MPI communicator)", e,
+           TOL["float64"])
+
+
+def case_local_error_one_rank() -> None:
+    """A local argument error on the last rank only: every rank raises within 10 s, COMM_WORLD still works."""
+    bad = RANK == W - 1
+    q = torch.zeros(1, 4, 3, 8)
+    calls = {
+        "kv H % H_kv": lambda: seqpar.kv_sharded_attention(q, torch.zeros(1, 3 if bad else 2, 2, 8),
+                                                           torch.zeros(1, 3 if bad else 2, 2, 8), group=COMM),
+        "softmax dim": lambda: seqpar.softmax(np.zeros((2, 3)), group=COMM, dim=5 if bad else -1),
+        "attention layout": lambda: seqpar.attention(q, q, q, group=COMM, layout="zz" if bad else "zigzag"),
+        "unshard length": lambda: seqpar.unshard(torch.zeros(1, 2 if bad else 3), dim=1, seq_len=3 * W, group=COMM),
+    }
+    problems = []
+    worst = 0.0
+    for name, call in calls.items():
+        t0 = time.monotonic()
+        try:
+            call()
+            problems.append(f"{name}: no error")
+        except (ValueError, TypeError) as e:
+            worst = max(worst, time.monotonic() - t0)
+            if not bad and f"rank(s) [{W - 1}]" not in str(e):
+                problems.append(f"{name}: message does not name rank {W - 1}: {e}")
+        after = seqpar.softmax(np.zeros((2, 3)), group=COMM)  # the communicator still works
+        if not np.allclose(after.sum(-1), 1 / W * 1):  # 3 keys per rank out of 3W, equal scores
+            problems.append(f"{name}: the call afterwards gave {after}")
+    if worst > 10:
+        problems.append(f"raised only after {worst:.1f} s")
+    record(f"a local error on rank {W - 1} only raises on every rank within 10 s (worst {worst:.2f} s)", 0.0, 0.0,
+           "; ".join(problems))
+
+
 def main() -> int:
     torch.set_num_threads(1)
     for dt in ("float32", "float64"):
@@ -154,6 +237,9 @@ def main() -> int:
     for strategy in ("allreduce", "ring", "allgather"):
         case_attention_torch(strategy)
     case_mismatch()
+    case_kv_numpy_layouts()
+    case_attention_torch_layouts()
+    case_local_error_one_rank()
     failed = 0
     for name, e, tol, problem in results:
         e_all = COMM.allreduce(e, op=MPI.MAX)

@@ -4,8 +4,9 @@ Run: ``python -m pytest tests/test_errors.py -q``
 
 - arguments that must agree across ranks but differ: ``ValueError`` on *every* rank naming the
   argument, the ranks and their values (from the one all-gather of :mod:`seqpar.checks`);
-- local errors (ndim, head dims, GQA ratio, dtypes, mask shape): ``ValueError`` before any collective
-  (checked with a communicator that records every collective);
+- local errors (ndim, head dims, GQA ratio, dtypes, mask shape): ``ValueError`` after exactly one
+  collective, the verdict exchange that tells the other ranks (checked with a communicator that
+  records every collective; tests/test_hangs.py checks that every rank raises);
 - a dead peer: the collective of the survivor raises within the process group's timeout.
 """
 
@@ -145,7 +146,7 @@ def test_softmax_uneven_split_is_not_an_error(dist):
     assert torch.allclose(total, torch.ones(2))  # 1 + 3 + 5 zeros: uniform weights summing to 1
 
 
-# --- local errors: raised before any collective ---------------------------------------------
+# --- local errors: raised after the one verdict exchange, before any other collective -----------
 
 
 class RecordingComm(Communicator):
@@ -186,27 +187,28 @@ KV_LOCAL = {  # name -> (q, k, v, extra kwargs, words the message must contain)
 
 
 @pytest.mark.parametrize("case", list(KV_LOCAL))
-def test_kv_local_errors_before_any_collective(case):
+def test_kv_local_errors_after_only_the_verdict_exchange(case):
     q, k, v, kw, words = KV_LOCAL[case]
     comm = RecordingComm()
     with pytest.raises(ValueError) as info:
         seqpar.kv_sharded_attention(q, k, v, group=comm, **kw)
     msg = str(info.value)
     assert "rank 0" in msg and all(w in msg for w in words), msg
-    assert comm.log == [], f"collectives issued before the local error: {comm.log}"
+    assert comm.log == ["all_gather"], f"collectives other than the verdict exchange: {comm.log}"
 
 
-def test_softmax_local_errors_before_any_collective():
+def test_softmax_local_errors_after_only_the_verdict_exchange():
     comm = RecordingComm()
     with pytest.raises(ValueError, match=r"rank 0: dim=3 .*\(2, 3, 4\).*allowed: -3 \.\. 2"):
         seqpar.softmax(torch.zeros(2, 3, 4), dim=3, group=comm)
     with pytest.raises(TypeError, match="rank 0: scores_local must be a floating.*int64"):
         seqpar.softmax(torch.zeros(2, 3, dtype=torch.int64), group=comm)
-    assert comm.log == []
+    assert comm.log == ["all_gather", "all_gather"]
 
 
 def test_check_is_one_all_gather_and_can_be_disabled(monkeypatch):
-    """SEQPAR_CHECK=1: one all-gather per call before the math; SEQPAR_CHECK=0: none."""
+    """One all-gather per call before the math; SEQPAR_CHECK=0 switches off the comparison, not the
+    exchange (it carries the local verdicts, which must reach every rank)."""
     q, k, v = _kv_inputs(0)
     comm = RecordingComm()
     seqpar.kv_sharded_attention(q, k, v, group=comm)
@@ -215,7 +217,7 @@ def test_check_is_one_all_gather_and_can_be_disabled(monkeypatch):
     comm = RecordingComm()
     seqpar.kv_sharded_attention(q, k, v, group=comm)
     seqpar.softmax(torch.zeros(2, 3), group=comm)
-    assert "all_gather" not in comm.log and comm.log  # the math's all-reduces still run
+    assert comm.log.count("all_gather") == 2 and len(comm.log) > 2  # the math's all-reduces still run
 
 
 def _all_ranks_bad(rank, world_size):

@@ -1,4 +1,5 @@
-"""Runs tests/mpi_cases.py under ``mpiexec -n 3`` (mpi4py communicator, numpy and torch inputs).
+"""Runs tests/mpi_cases.py under ``mpiexec -n 3`` (mpi4py communicator, numpy and torch inputs), and
+tests/mpi_abort_case.py under ``mpiexec -n 2`` (an uncaught exception on one rank ends the job).
 
 Run: ``python -m pytest tests/test_mpi.py -q``   (needs ``pip install -e '.[mpi]'``: mpi4py + mpich)
 """
@@ -10,13 +11,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 N_RANKS = 3
 MPI_TIMEOUT_S = 120
-N_CASES = 11  # the cases mpi_cases.py runs; a script that silently skipped some must fail here
+N_CASES = 14  # the cases mpi_cases.py runs; a script that silently skipped some must fail here
 SCRIPT = Path(__file__).with_name("mpi_cases.py")
 
 
@@ -28,8 +30,7 @@ def _mpiexec() -> str | None:
     return shutil.which("mpiexec")
 
 
-@pytest.mark.timeout(MPI_TIMEOUT_S + 30)
-def test_mpi_cases_under_mpiexec():
+def _need_mpi() -> str:
     try:
         import mpi4py  # noqa: F401
     except ImportError:
@@ -37,6 +38,54 @@ def test_mpi_cases_under_mpiexec():
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec next to the Python executable nor on PATH: pip install -e '.[mpi]'")
+    return mpiexec
+
+
+ABORT_BOUND_S = 45  # start-up of 2 ranks (~5-10 s on a loaded 2-core box) + the abort
+
+
+@pytest.mark.timeout(ABORT_BOUND_S + 30)
+@pytest.mark.parametrize("mode", ["init", "world"])
+def test_an_uncaught_exception_on_one_rank_ends_the_mpi_job(mode):
+    """rank 1 raises before a collective that rank 0 waits in: the job must end, non-zero, in bounded time
+    (seqpar's collective timeout is set to 600 s, so only the abort can end it)."""
+    mpiexec = _need_mpi()
+    script = SCRIPT.with_name("mpi_abort_case.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQPAR_TIMEOUT_S": "600"}
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), mode], capture_output=True, text=True,
+                              timeout=ABORT_BOUND_S, env=env, cwd=SCRIPT.parent.parent, check=False)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the MPI job was still running after {ABORT_BOUND_S} s: rank 0 hangs\n{e.stdout}\n{e.stderr}")
+    report = proc.stdout + proc.stderr
+    assert proc.returncode != 0, report
+    # the abort itself (the launcher may drop the traceback's last lines when it tears the job down)
+    assert "MPI_Abort" in report or "aborting the MPI job" in report, report
+    assert "the collective returned" not in report, report
+    print(f"mode={mode}: job ended with code {proc.returncode} after {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.timeout(ABORT_BOUND_S + 30)
+def test_a_collective_one_rank_skips_raises_peer_timeout_under_mpi():
+    mpiexec = _need_mpi()
+    script = SCRIPT.with_name("mpi_abort_case.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), "skip"], capture_output=True,
+                              text=True, timeout=ABORT_BOUND_S, env=env, cwd=SCRIPT.parent.parent, check=False)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"still running after {ABORT_BOUND_S} s: rank 0 hangs in the skipped collective\n{e.stdout}")
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report
+    m = re.search(r"rank 0 raised after ([0-9.]+) s: (.*)", proc.stdout)
+    assert m and 2.7 <= float(m.group(1)) < 13, report
+    assert "all_gather" in m.group(2) and "did not complete within 3 s" in m.group(2) and "rank 0 of 2" in m.group(2)
+
+
+@pytest.mark.timeout(MPI_TIMEOUT_S + 30)
+def test_mpi_cases_under_mpiexec():
+    mpiexec = _need_mpi()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(

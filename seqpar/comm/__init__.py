@@ -3,9 +3,16 @@
 from seqpar.comm.communicator import (
     Communicator,
     MPICommunicator,
+    PeerTimeout,
     RingComm,
     TorchCommunicator,
     get_communicator,
+    install_mpi_abort_hook,
+    set_timeout,
+    timeout_s,
 )
 
-__all__ = ["Communicator", "MPICommunicator", "RingComm", "TorchCommunicator", "get_communicator"]
+__all__ = [
+    "Communicator", "MPICommunicator", "PeerTimeout", "RingComm", "TorchCommunicator", "get_communicator",
+    "install_mpi_abort_hook", "set_timeout", "timeout_s",
+]

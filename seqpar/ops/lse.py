@@ -11,6 +11,9 @@ Two partials over disjoint key sets merge exactly (flash-decoding, Tree Attentio
 
 Rows that see no key at all carry ``lse = -inf`` and ``out = 0``; every function here keeps them at
 exactly that (no NaN), so a rank or block whose keys are all masked never poisons the result.
+Non-finite partials propagate: a NaN (or +inf) ``lse`` or a NaN in ``out`` makes the merged row NaN,
+as it would be in one softmax over all keys. The guards test ``z == 0`` (only possible when every
+partial's lse is -inf), never ``z > 0``, which would also be false for NaN and turn it into 0.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b:
     safe = finite_or_zero(new)
     wa = torch.exp(lse - safe)  # 0 where lse = -inf
     wb = torch.exp(lse_b.to(lse.dtype) - safe)
-    z = wa + wb  # 0 only on rows that see nothing
-    z = torch.where(z > 0, z, torch.ones_like(z))
+    z = wa + wb  # 0 only on rows that see nothing; NaN stays NaN
+    z = z.masked_fill(z == 0, 1)
     out.mul_((wa / z).unsqueeze(-1).to(out.dtype)).addcmul_(out_b, (wb / z).unsqueeze(-1).to(out.dtype))
     lse.copy_(new)
 
@@ -73,9 +76,9 @@ def merge_many(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torc
     for o, wi in zip(outs, w):
         acc += o.to(lse.dtype) * wi.unsqueeze(-1)
     z = w.sum(0).unsqueeze(-1)
-    return acc / torch.where(z > 0, z, torch.ones_like(z)), lse
+    return acc / z.masked_fill(z == 0, 1), lse
 
 
 def global_lse_from_max_sum(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``log(s) + m`` with (m=-inf, s=0) -> -inf: the LSE from an all-reduced max and exp-sum."""
-    return torch.where(s > 0, torch.log(s) + finite_or_zero(m), torch.full_like(s, NEG_INF))
+    """``log(s) + m`` with (m=-inf, s=0) -> -inf: the LSE from an all-reduced max and exp-sum (NaN stays NaN)."""
+    return torch.where(s == 0, torch.full_like(s, NEG_INF), torch.log(s) + finite_or_zero(m))

@@ -49,7 +49,7 @@ class AllReduceAttention(torch.autograd.Function):
         wgt = torch.exp(lse_all - finite_or_zero(m)).unsqueeze(-1)
         buf = comm.reduce_scatter_v(torch.cat([o_all * wgt, wgt], dim=-1), setup.sizes, dim=2)
         acc, z = buf[..., :-1], buf[..., -1:]
-        out = torch.where(z > 0, acc / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(acc))
+        out = acc / z.masked_fill(z == 0, 1)  # z == 0: no key on any rank (acc == 0); a NaN z stays NaN
         m_local = torch.split(m, setup.sizes, dim=2)[rank]
         lse = global_lse_from_max_sum(m_local, z.squeeze(-1))
         out = out.to(q.dtype)
