@@ -1,31 +1,30 @@
-"""NaN and +-inf propagate exactly as single-device SDPA / torch.softmax on the whole data, at every W.
+"""NaN and +-inf propagate exactly as the attention formula / torch.softmax on the whole data, at every W.
 
 Run: ``python -m pytest tests/test_nonfinite.py -q``
 
 For each case a NaN or an infinity is put into q, k, v or the scores (on the last rank's shard, so
 that with W > 1 the healthy ranks must learn of it through the collectives), and the result of every
 path -- ``attention`` with each strategy, ``kv_sharded_attention``, ``softmax`` -- is compared with
-what ``torch.nn.functional.scaled_dot_product_attention`` / ``torch.softmax`` give on the unsharded
-tensors: the same NaN positions, the same infinities, the finite values within the dtype's tolerance.
+what the float64 formula (``seqpar.ops.reference``: what SDPA computes, see ``_sdpa``) / ``torch.softmax``
+give on the unsharded tensors: the same NaN positions, the same infinities, the finite values within the dtype's tolerance.
 (Before, ``z > 0`` guards turned NaN rows into 0, and in ``softmax`` a +inf or NaN on one rank zeroed
 the finite rows on the others.) Rows that see no key stay exactly 0 with LSE -inf (``torch.softmax``
 gives NaN there; seqpar's documented choice).
 
-Not covered, on purpose: rows ALL of whose scores in one kernel call are NaN (a NaN query row, or a
-causal row that sees only a NaN key within its block). torch 2.13's fused CPU kernel returns out 0,
-lse 0 for such rows when the call is small (Sq, Sk <~ 8) and NaN when it is larger -- so SDPA on the
-whole tensor and seqpar on shards disagree there. Reproduce: ``F.scaled_dot_product_attention`` with
-``q[0, 0, 1] = nan`` gives 0 for (1, 1, 4, 8) x (1, 1, 6, 8), NaN for 13 x 13. A fix belongs in the
-local kernel wrapper (seqpar/ops/kernels.py).
+Rows ALL of whose scores in one kernel call are NaN (a NaN query row; a causal row whose only visible key
+is NaN) are covered too: torch 2.13's fused CPU kernel returns out 0, lse 0 for them when the call is small
+(Sq, Sk <~ 8) and NaN when it is larger, so SDPA's own CPU flash path disagrees with itself; seqpar's
+cpu_flash wrapper recomputes such calls exactly (``seqpar/ops/kernels/cpu_flash.py``); SDPA on the whole
+13-token tensor is large enough to give NaN.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import seqpar
+from seqpar.ops import reference
 
 NAN, INF = float("nan"), float("inf")
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -62,6 +61,8 @@ def _inputs(case: str, dtype: torch.dtype, sq: int = S):
         k[0, 0, j, :] = INF
     elif case == "-inf v":
         v[0, 1, j, 2] = -INF
+    elif case == "nan k0 causal":  # key 0: query 0 sees only it, in a block of its own at every W
+        k[0, 1, 0, 2] = NAN
     elif case == "nan q row":
         q[1, 2, i, :] = NAN
     elif case == "nan q element":
@@ -71,12 +72,16 @@ def _inputs(case: str, dtype: torch.dtype, sq: int = S):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _sdpa(q, k, v, **kw):
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+def _sdpa(q, k, v, *, is_causal=False, attn_mask=None):
+    """What SDPA computes, by the formula: SDPA's own CPU path zeroes all-NaN rows in some shapes and not in
+    others (above), and its MATH backend spreads a NaN key into rows the causal mask hides it from (it adds
+    the mask as a -inf bias)."""
+    mask = reference.sequence_mask(q.shape[2], is_causal=True) if is_causal else attn_mask
+    return reference.attention(q, k, v, mask=mask)[0].to(q.dtype)
 
 
-ATTN_CASES = ("finite", "nan k", "nan v", "+inf k", "-inf v")
-CAUSAL_CASES = ("finite", "nan k causal", "+inf k causal")  # v non-finite + causal: SDPA's result depends on its tiles
+ATTN_CASES = ("finite", "nan k", "nan v", "+inf k", "-inf v", "nan q row", "nan q element")
+CAUSAL_CASES = ("finite", "nan k causal", "nan k0 causal", "+inf k causal")  # v non-finite + causal: SDPA's result depends on its tiles
 
 
 def _attention_cases(rank, world_size, dtype_name):

@@ -11,13 +11,14 @@ import torch
 
 
 def softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """alpha_ij = exp(beta_ij - m_i) / sum_k exp(beta_ik - m_i); rows of only -inf give 0."""
+    """alpha_ij = exp(beta_ij - m_i) / sum_k exp(beta_ik - m_i); rows of only -inf give 0; a NaN or +inf
+    score makes its row NaN (as the formula does: +inf - +inf)."""
     x = scores.to(torch.float64)
     m = x.amax(dim=dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     e = torch.exp(x - m)
     z = e.sum(dim=dim, keepdim=True)
-    return torch.where(z > 0, e / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(e))
+    return torch.where(z == 0, torch.zeros_like(e), e / torch.where(z == 0, torch.ones_like(z), z))
 
 
 def attention(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from seqpar.ops.kernels import blockwise
 from seqpar.ops.kernels.common import MASK_KINDS, Kernel
 from seqpar.ops.lse import NEG_INF, stat_dtype
 
@@ -43,7 +44,30 @@ def forward(q, k, v, *, scale, mask=None, is_causal=False):
     q, k, v = _upcast(q, k, v)
     sd = stat_dtype(q.dtype)
     out, lse = _FWD(q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, sd), scale=scale)  # mask never bf16
-    return out, lse.to(sd).contiguous()  # the op's LSE is (B, S, H) in memory
+    lse = lse.to(sd).contiguous()  # the op's LSE is (B, S, H) in memory
+    if _lost_nan(lse, mask):  # rare: recompute the call with the exact plain-torch loop
+        return blockwise.forward(q, k, v, scale=scale, mask=mask, is_causal=is_causal)
+    return out, lse
+
+
+def _lost_nan(lse: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the op may have turned a row into 0 that should be NaN.
+
+    torch 2.13's kernel returns out 0, lse 0 -- as for a fully masked row -- for a row ALL of whose scores
+    are NaN (a NaN query row; a causal row whose only visible key is NaN) when the call is small (Sq, Sk up to
+    ~8), and NaN when it is larger: ``q[0, 0, 1] = nan`` gives 0 for (1, 1, 4, 8) x (1, 1, 6, 8), NaN for
+    13 x 13. An LSE of exactly 0 on a row that sees a key is that case (or, rarely, a true LSE of 0.0, which
+    then only costs the recomputation). One comparison over the (B, H, Sq) LSE per call.
+    """
+    zero = lse == 0
+    if not bool(zero.any()):
+        return False
+    if mask is not None:  # fully masked rows also come back with lse 0: they are not suspects
+        m = mask if mask.dtype == torch.bool else mask > NEG_INF
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        zero = zero & m.any(-1)
+    return bool(zero.any())
 
 
 def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
