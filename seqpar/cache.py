@@ -21,7 +21,7 @@ worst case over both placements; memory ~ 1/W of the whole cache plus a block)::
 
 Validation: the constructor and every structure change (:meth:`allocate`, :meth:`free`,
 :meth:`prefill`) compare their arguments across ranks first (one all-gather of a few ints,
-``seqpar.checks.exchange``) and only then check them against the replicated state, so a mistake
+``seqpar.checks.agree``) and only then check them against the replicated state, so a mistake
 raises the same ``ValueError`` on every rank and leaves the cache unchanged. Decode steps are
 checked inside their one combining collective (:mod:`seqpar.decode`).
 """
@@ -87,23 +87,28 @@ class KVCache:
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         sizes = {"num_layers": num_layers, "max_batch": max_batch, "max_seq_len": max_seq_len,
                  "kv_heads": kv_heads, "head_dim": head_dim, "block_size": block_size}
-        for name, n in sizes.items():
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise ValueError(f"rank {self.rank}: {name}={n!r}; allowed: an int >= 1")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"rank {self.rank}: placement={placement!r}; allowed: {', '.join(map(repr, PLACEMENTS))}")
-        if combine not in COMBINES:
-            raise ValueError(f"rank {self.rank}: combine={combine!r}; allowed: {', '.join(map(repr, COMBINES))}")
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise ValueError(f"rank {self.rank}: dtype={dtype}; allowed: float32, float64, bfloat16, float16")
-        checks.exchange(self.comm, {
-            "KVCache (num_layers, max_batch, max_seq_len, kv_heads, head_dim)":
-                (num_layers, max_batch, max_seq_len, kv_heads, head_dim),
-            "KVCache block_size": block_size,
-            "KVCache placement": PLACEMENTS.index(placement),
-            "KVCache dtype": checks.dtype_code(dtype),
-            "KVCache combine": COMBINES.index(combine),
-        })
+
+        def validate():  # local checks; their verdict travels through the one exchange (no rank left waiting)
+            for name, n in sizes.items():
+                if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                    raise ValueError(f"rank {self.rank}: {name}={n!r}; allowed: an int >= 1")
+            if placement not in PLACEMENTS:
+                raise ValueError(
+                    f"rank {self.rank}: placement={placement!r}; allowed: {', '.join(map(repr, PLACEMENTS))}")
+            if combine not in COMBINES:
+                raise ValueError(f"rank {self.rank}: combine={combine!r}; allowed: {', '.join(map(repr, COMBINES))}")
+            if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+                raise ValueError(f"rank {self.rank}: dtype={dtype}; allowed: float32, float64, bfloat16, float16")
+            return {
+                "KVCache (num_layers, max_batch, max_seq_len, kv_heads, head_dim)":
+                    (num_layers, max_batch, max_seq_len, kv_heads, head_dim),
+                "KVCache block_size": block_size,
+                "KVCache placement": PLACEMENTS.index(placement),
+                "KVCache dtype": checks.dtype_code(dtype),
+                "KVCache combine": COMBINES.index(combine),
+            }, {}
+
+        checks.agree(self.comm, "KVCache", validate)
         self.num_layers, self.max_batch, self.max_seq_len = num_layers, max_batch, max_seq_len
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.placement, self.block_size, self.combine = placement, block_size, combine
@@ -164,13 +169,15 @@ class KVCache:
 
     # -- structure changes (validated across ranks) ---------------------------------------------
     def _agree(self, what: str, fields: dict[str, Any], local_error: str | None = None) -> None:
-        """Compare ``fields`` across ranks, and each rank's local error; raise the same error everywhere."""
-        got = checks.exchange(self.comm, {f"{what} {k}": v for k, v in fields.items()},
-                              {"error": int(local_error is not None)})
-        bad = [r for r, (e,) in enumerate(got["error"]) if e]
-        if bad:
-            mine = f": {local_error}" if local_error else ""
-            raise ValueError(f"seqpar KVCache (rank {self.rank}): {what} failed on rank(s) {bad}{mine}")
+        """Compare ``fields`` across ranks, and each rank's local error; raise on every rank (the failing rank
+        its own error, the others one naming it) before anything changes."""
+
+        def validate():
+            if local_error is not None:
+                raise ValueError(f"seqpar KVCache (rank {self.rank}): {what}: {local_error}")
+            return {f"{what} {k}": v for k, v in fields.items()}, {}
+
+        checks.agree(self.comm, f"KVCache.{what}", validate)
 
     def _check_slots(self, slots: list[int]) -> None:
         for s in slots:

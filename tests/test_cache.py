@@ -101,10 +101,10 @@ def test_errors_on_every_rank_cache_unchanged(dist, one_thread):
     for combine in ("allgather", "allreduce"):
         per_rank = dist(2, _errors, combine, timeout=60)
         for rank, m in enumerate(per_rank):
-            assert "cache full" in (m["full"] or "") or "failed on" in (m["full"] or ""), (rank, m)
+            assert "cache full" in (m["full"] or "") or "failed their local" in (m["full"] or ""), (rank, m)
             assert "'T' differs across ranks" in (m["T differs"] or ""), (rank, m)
-            assert "failed on rank(s) [1]" in (m["unknown slot"] or "") or "failed on a rank" in (
-                m["unknown slot"] or ""), (rank, m)
+            assert any(x in (m["unknown slot"] or "") for x in (
+                "failed on rank(s) [1]", "failed on a rank", "unknown sequence slot")), (rank, m)
             assert "allocate" in (m["allocate too many"] or ""), (rank, m)
             assert "differs across ranks" in (m["free differs"] or ""), (rank, m)
             assert all(m[k] for k in m if k.endswith("unchanged")), (rank, m)
@@ -123,6 +123,21 @@ def _build_mismatch(rank, world_size):
 def test_cache_build_mismatch(dist):
     for msg in dist(2, _build_mismatch):
         assert msg and "differs across ranks" in msg and "rank 1: (1, 3, 40, 3, 8)" in msg, msg
+
+
+def _build_local_error(rank, world_size):
+    """Rank 1 passes a bad placement: every rank raises at once (no rank waits in the exchange)."""
+    try:
+        _cache(placement="bogus" if rank == 1 else "round_robin")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_cache_build_local_error_raises_on_every_rank(dist):
+    msgs = dist(2, _build_local_error, timeout=30)
+    assert "placement='bogus'" in msgs[1], msgs
+    assert msgs[0] and "rank(s) [1]" in msgs[0] and "placement='bogus'" in msgs[0], msgs
 
 
 def _memory(rank, world_size, per_token_budget):
