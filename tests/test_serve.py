@@ -428,3 +428,40 @@ def test_a_killed_rank_fails_every_pending_request_before_the_timeout():
     for r in results:
         assert r[0] == 503 and "rank(s) [1]" in r[1], r
         assert r[2] < 30  # noticed from the failed collective, not the 30 s timeout
+
+
+def test_hf_generation_with_the_cache_on_the_service(service):
+    """A single-process tiny random-init Llama generates 32 tokens after a 1k prompt with its KV cache held by
+    the service (attn_implementation="seqpar_remote"): the tokens of local sdpa generation, logits within 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    import seqpar.hf_remote as hr
+
+    vocab, prompt, new = 97, 1024, 32
+
+    def model(attn):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=prompt + new + 8, attention_dropout=0.0,
+            bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float().eval()
+
+    ids = torch.randint(1, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
+
+    def generate(m, cache=None):
+        with torch.no_grad():
+            out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, cache=cache, output_logits=True, return_dict_in_generate=True)
+        return out.sequences[:, prompt:], torch.stack(out.logits, 1)
+
+    want_tokens, want_logits = generate(model("sdpa"))
+    remote = model(hr.NAME)
+    with service.client() as c:
+        cache = hr.RemoteCache(remote.config, c, max_cache_len=prompt + new)
+        tokens, logits = generate(remote, cache)
+        held = [r["used_tokens"] for r in c.stats()["ranks"]]
+        cache.close()
+    assert torch.equal(tokens, want_tokens), (tokens != want_tokens).nonzero()[:5]
+    err = ((logits - want_logits).abs().amax(-1) / want_logits.abs().amax(-1)).max().item()
+    assert err < 1e-5, err
+    assert all(held) and sum(held) >= 2 * (prompt + new - 1)  # both ranks hold part of both layers' K/V
