@@ -465,3 +465,47 @@ def test_hf_generation_with_the_cache_on_the_service(service):
     err = ((logits - want_logits).abs().amax(-1) / want_logits.abs().amax(-1)).max().item()
     assert err < 1e-5, err
     assert all(held) and sum(held) >= 2 * (prompt + new - 1)  # both ranks hold part of both layers' K/V
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0():
+    """Clients keep attending while SIGTERM arrives: every request answered before the drain is exact, later ones
+    get 503 'draining' (or find the service gone); nothing hangs; exit 0, no rank left."""
+    s = Service("--timeout", "30")
+    outcomes: list[list] = [[] for _ in range(4)]
+
+    def work(i):
+        seq = Seq(1, 4, 2, 8, seed=i)
+        try:
+            with s.client(timeout=60) as c:
+                sid = c.create_session(layers=1, heads=4, kv_heads=2, head_dim=8, capacity=4000)
+                for _ in range(3000):
+                    q, out = _attend(c, sid, seq, 0, 1)
+                    outcomes[i].append(float((out.double() - seq.ref(0, q)[0]).abs().max()))
+        except ServeError as e:
+            outcomes[i].append((e.status, e.message))
+        except ServeUnavailable as e:
+            outcomes[i].append(("unavailable", str(e)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: all(len(o) > 5 for o in outcomes), 60, "every client answered a few times")
+    rc = s.stop()
+    for t in threads:
+        t.join(timeout=60)
+    assert rc == 0 and not any(t.is_alive() for t in threads)
+    for o in outcomes:
+        assert all(isinstance(x, float) and x <= TOL[torch.float32] for x in o[:-1]), o[-3:]
+        last = o[-1]
+        assert isinstance(last, tuple), last
+        assert last[0] == "unavailable" or (last[0] == 503 and "draining" in last[1]), last
+
+
+def test_bad_serve_config_is_refused_before_any_rank_starts(capsys):
+    from seqpar_tools.cli import main
+
+    rc = main(["serve", "--port", "70000", "--set", "serve.max_batch=0", "--set", "serve.batch_window_ms=-1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    for words in ("serve.port = 70000", "serve.max_batch = 0: must be >= 1", "serve.batch_window_ms = -1"):
+        assert words in err, err

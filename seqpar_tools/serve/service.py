@@ -305,9 +305,10 @@ class Service:
         p.reply(answer)
 
     def _count(self, kind: str, status: int, t0: float | None) -> None:
-        self.counts[kind][str(status)] += 1
-        if t0 is not None and status < 400:
-            self.latency.append(time.monotonic() - t0)
+        with self.lock:  # both threads count
+            self.counts[kind][str(status)] += 1
+            if t0 is not None and status < 400:
+                self.latency.append(time.monotonic() - t0)
 
     # -- the step loop ------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -319,9 +320,12 @@ class Service:
             self.on_ready(self)
         try:
             self._loop()
-        except BaseException as e:  # noqa: BLE001 - a collective failed: a rank is gone
-            self._abort(f"a collective failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})",
-                        wait_for_silence=True)
+        except BaseException as e:  # noqa: BLE001 - a collective failed (a rank is gone), or a step did
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            self._abort(f"a step failed ({type(e).__name__}: {first})", wait_for_silence=True)
+        t0 = time.monotonic()
+        while (self.responding or self.pending) and time.monotonic() - t0 < 10:  # the last answers leave (bounded)
+            time.sleep(0.01)
         self.http_loop.call_soon_threadsafe(self.http_loop.stop)
 
     def _drain(self, signum, frame) -> None:
@@ -564,7 +568,9 @@ class Service:
 
     # -- stats, watch, abort ------------------------------------------------------------------------
     def stats(self) -> dict:
-        lat = sorted(self.latency)
+        with self.lock:
+            lat = sorted(self.latency)
+            counts = {k: dict(v) for k, v in self.counts.items()}
 
         def pct(x: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(x * len(lat)))] * 1000, 3) if lat else None
@@ -575,7 +581,7 @@ class Service:
             "arenas": len(self.engine.arenas), "capacity_tokens_per_rank": self.cfg.capacity_tokens,
             "ranks": [{"rank": r, "used_tokens": self.engine.used(r), "reserved_tokens": reserved,
                        "free_tokens": self.cfg.capacity_tokens - reserved} for r in range(self.world_size)],
-            "requests": {k: dict(v) for k, v in self.counts.items()},
+            "requests": counts,
             "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "count": len(lat)},
             "steps": self.steps, "requests_per_step": round(self.batched / self.steps, 3) if self.steps else None,
         }
