@@ -5,9 +5,10 @@ rank runs the step loop only::
 
     HTTP thread (rank 0)     parse + frame checks, token, size limit -> inbox (a request and its future)
     step loop (rank 0)       take the first request, wait at most batch_window_ms from its arrival for more
-                             (up to max_batch, one per session); validate each against the sessions (4xx
-                             answered at once, nothing changes); broadcast the step [ops | tensors] to every
-                             rank (2 broadcasts: size, bytes); apply it (engine); answer
+                             (up to max_batch, one per session; not at all when every recently active session
+                             is in the batch already); validate each against the sessions (4xx answered at
+                             once, nothing changes); broadcast the step [ops | tensors] to every rank (one
+                             64 KiB broadcast, a second for larger steps); apply it (engine); answer
     step loop (rank r > 0)   receive a step, apply it
     heartbeats               every rank bumps a counter in the job's store every 0.1 s; rank 0 watches them
 
@@ -32,6 +33,7 @@ import math
 import os
 import queue
 import signal
+import struct
 import sys
 import threading
 import time
@@ -81,7 +83,10 @@ class Pending:
 
 
 class Bus:
-    """Rank 0 -> every rank: a step as one frame (``seqpar.client.encode``), two broadcasts (size, bytes)."""
+    """Rank 0 -> every rank: a step as one frame (``seqpar.client.encode``). One broadcast of :data:`INLINE` bytes
+    carries ``[kind, size]`` and the frame's start (a one-token attend fits); a second one the rest, if any."""
+
+    INLINE = 1 << 16
 
     def __init__(self, group=None):
         import torch.distributed as dist
@@ -90,20 +95,28 @@ class Bus:
 
     def send(self, kind: int, ops: list | None = None, tensors: dict | None = None) -> None:
         raw = encode({"ops": ops or []}, tensors) if kind == _STEP else b""
-        head = torch.tensor([kind, len(raw)], dtype=torch.int64)
-        self.dist.broadcast(head, 0, group=self.group)
-        if raw:
-            self.dist.broadcast(torch.frombuffer(bytearray(raw), dtype=torch.uint8), 0, group=self.group)
+        first = bytearray(self.INLINE)
+        struct.pack_into("<qq", first, 0, kind, len(raw))
+        head = raw[:self.INLINE - 16]
+        first[16:16 + len(head)] = head
+        self.dist.broadcast(torch.frombuffer(first, dtype=torch.uint8), 0, group=self.group)
+        if len(raw) > len(head):
+            self.dist.broadcast(torch.frombuffer(bytearray(raw[len(head):]), dtype=torch.uint8), 0, group=self.group)
 
     def recv(self) -> tuple[int, list, dict]:
-        head = torch.zeros(2, dtype=torch.int64)
-        self.dist.broadcast(head, 0, group=self.group)
-        kind, n = int(head[0]), int(head[1])
+        first = torch.empty(self.INLINE, dtype=torch.uint8)
+        self.dist.broadcast(first, 0, group=self.group)
+        mem = first.numpy().data
+        kind, n = struct.unpack_from("<qq", mem, 0)
         if kind != _STEP:
             return kind, [], {}
-        buf = torch.empty(n, dtype=torch.uint8)
-        self.dist.broadcast(buf, 0, group=self.group)
-        header, tensors = decode(buf.numpy().data)
+        if n <= self.INLINE - 16:
+            body = mem[16:16 + n]
+        else:
+            rest = torch.empty(n - (self.INLINE - 16), dtype=torch.uint8)
+            self.dist.broadcast(rest, 0, group=self.group)
+            body = bytes(mem[16:]) + bytes(rest.numpy().data)
+        header, tensors = decode(body)
         return kind, header["ops"], tensors
 
 
@@ -344,6 +357,7 @@ class Service:
 
     def _loop(self) -> None:
         carry: collections.deque[Pending] = collections.deque()
+        recent: dict[str, float] = {}  # session -> its last request's arrival (who may join a batch soon)
         tick = self.cfg.timeout_s / 4
         window = self.cfg.batch_window_ms / 1000
         while True:
@@ -368,7 +382,11 @@ class Service:
             if p.kind in ("append", "attend"):
                 sids = {p.sid}
                 deadline = p.t0 + window
-                while len(batch) < self.cfg.max_batch:
+                recent[p.sid] = p.t0
+                horizon = p.t0 - max(0.05, 20 * window)
+                for sid in [sid for sid, t in recent.items() if t < horizon]:
+                    del recent[sid]
+                while len(batch) < min(self.cfg.max_batch, len(recent)):  # someone else may still come
                     q = self._next(carry, deadline - time.monotonic())
                     if q is None:
                         break
@@ -380,6 +398,7 @@ class Service:
                     else:
                         batch.append(q)
                         sids.add(q.sid)
+                        recent[q.sid] = q.t0
             self._step(batch)
         self._run_step(_STOP, [], {})
 
