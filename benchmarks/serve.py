@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py                                     # contexts 4k .. 128k, clients 1 .. 32; JSON + plot
     python benchmarks/serve.py --contexts 4096,16384 --calls 100 --clients 1,16 --seconds 3   # quicker
+    python benchmarks/serve.py --contexts 4096 --throughput-contexts 4096 --clients 1,16       # the two targets
 
 Shape: B = 1, H = 32 query heads, H_kv = 8, D = 128, float32, one layer, a one-token attend (T = 1; the new
 token's K/V appended in the same request). W = 2 gloo ranks, one thread each.
@@ -10,7 +11,7 @@ token's K/V appended in the same request). W = 2 gloo ranks, one thread each.
    (one session of S tokens, filled by ``append``), and of the same call in-process: ``seqpar.decode_attention``
    on two ranks of a :class:`seqpar_tools.runner.Pool` over a :class:`seqpar.KVCache` holding S tokens (each
    call's slowest rank). The difference is the service's overhead: HTTP, framing, the step broadcast.
-2. **Throughput vs concurrency** at a 4k context: N client threads, each its own session, attending for
+2. **Throughput vs concurrency** at a 4k and a 256-token context: N client threads, each its own session, attending for
    ``--seconds``; requests/s with batching (``serve.max_batch = 32``, window 1 ms: concurrent attends of one
    arena go through one ``decode_attention`` per layer) and without (``serve.max_batch = 1``: one request
    per step).
@@ -112,7 +113,7 @@ def latency(contexts: list[int], calls: int) -> list[dict]:
             s = row["context"]
             sid = c.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, capacity=s + calls + 8)
             _fill(c, sid, s, g)
-            times = []
+            times, over = [], []
             for i in range(calls + 3):
                 q, k, v = torch.randn(H, 1, D, generator=g), torch.randn(HKV, 1, D, generator=g), \
                     torch.randn(HKV, 1, D, generator=g)
@@ -120,11 +121,12 @@ def latency(contexts: list[int], calls: int) -> list[dict]:
                 c.attend(sid, 0, q, k, v)
                 if i >= 3:
                     times.append(time.perf_counter() - t0)
+                    over.append(times[-1] * 1e3 - c.last_step_ms)  # this call's round trip minus rank 0's step
             c.delete_session(sid)
-            row.update(service_p50_ms=_pct(times, 0.5) * 1e3, service_p99_ms=_pct(times, 0.99) * 1e3)
-            row["overhead_p50_ms"] = row["service_p50_ms"] - row["inprocess_p50_ms"]
+            row.update(service_p50_ms=_pct(times, 0.5) * 1e3, service_p99_ms=_pct(times, 0.99) * 1e3,
+                       overhead_p50_ms=_pct(over, 0.5), overhead_p99_ms=_pct(over, 0.99))
             print(f"service    S={s}: p50 {row['service_p50_ms']:.3f} ms p99 {row['service_p99_ms']:.3f} ms "
-                  f"(overhead p50 {row['overhead_p50_ms']:.3f} ms)", flush=True)
+                  f"(overhead: round trip - step, per call, p50 {row['overhead_p50_ms']:.3f} ms)", flush=True)
     finally:
         srv.stop()
     return rows
@@ -171,9 +173,10 @@ def throughput(context: int, clients: list[int], seconds: float, max_calls: int)
                 wall = time.perf_counter() - t0
                 after = c.stats()
                 steps = after["steps"] - before["steps"]
-                rows.append({"batching": batching, "clients": n, "requests_per_s": sum(counts) / wall,
+                rows.append({"context": context, "batching": batching, "clients": n,
+                             "requests_per_s": sum(counts) / wall,
                              "requests_per_step": sum(counts) / max(1, steps), "calls": sum(counts)})
-                print(f"batching={batching} clients={n}: {rows[-1]['requests_per_s']:.0f} req/s, "
+                print(f"S={context} batching={batching} clients={n}: {rows[-1]['requests_per_s']:.0f} req/s, "
                       f"{rows[-1]['requests_per_step']:.2f} req/step", flush=True)
                 for sid in sids:
                     c.delete_session(sid)
@@ -197,12 +200,13 @@ def plot(result: dict, path: str) -> None:
                    marker="o", capsize=3, label=f"{label}: p50 (bar to p99)")
     a.set(xscale="log", xlabel="context (tokens)", ylabel="ms per one-token attend", title="latency, W=2")
     a.legend(fontsize=8)
-    for batching in (True, False):
-        rows = [r for r in result["throughput"] if r["batching"] == batching]
-        b.plot([r["clients"] for r in rows], [r["requests_per_s"] for r in rows], marker="o",
-               label="batching (max_batch 32)" if batching else "one request per step")
-    b.set(xscale="log", xlabel="concurrent clients", ylabel="requests / s",
-          title=f"throughput at S={result['throughput_context']}")
+    for ctx in result["throughput_contexts"]:
+        for batching in (True, False):
+            rows = [r for r in result["throughput"] if r["batching"] == batching and r["context"] == ctx]
+            b.plot([r["clients"] for r in rows], [r["requests_per_s"] for r in rows], marker="o" if batching else "x",
+                   linestyle="-" if batching else "--",
+                   label=f"S={ctx}: " + ("batching (max_batch 32)" if batching else "one request per step"))
+    b.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests / s", title="throughput, W=2")
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -213,28 +217,31 @@ def main() -> None:
     p.add_argument("--contexts", default="4096,16384,65536,131072")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--clients", default="1,2,4,8,16,32")
-    p.add_argument("--throughput-context", type=int, default=4096)
+    p.add_argument("--throughput-contexts", default="4096,256")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--max-calls", type=int, default=3000, help="per client and run (bounds the context growth)")
     p.add_argument("--out", default="seqpar-out/bench-serve/serve.json")
     a = p.parse_args()
     load0 = os.getloadavg()
     result = {"shape": {"B": 1, "H": H, "H_kv": HKV, "D": D, "T": 1, "dtype": "float32", "world_size": 2},
-              "throughput_context": a.throughput_context}
+              "throughput_contexts": [int(x) for x in a.throughput_contexts.split(",")]}
     result["latency"] = latency([int(x) for x in a.contexts.split(",")], a.calls)
     clients = [int(x) for x in a.clients.split(",")]
-    result["throughput"] = throughput(a.throughput_context, clients, a.seconds, a.max_calls)
+    result["throughput"] = [r for ctx in result["throughput_contexts"]
+                            for r in throughput(ctx, clients, a.seconds, a.max_calls)]
     result["loadavg_before"], result["loadavg_after"] = load0, os.getloadavg()
     result["cpus"] = os.cpu_count()
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.splitext(a.out)[0] + ".png")
-    one = {r["clients"]: r["requests_per_s"] for r in result["throughput"] if not r["batching"]}
-    bat = {r["clients"]: r["requests_per_s"] for r in result["throughput"] if r["batching"]}
-    if 16 in one and 16 in bat:
-        print(f"batching at 16 clients: {bat[16] / one[16]:.2f}x one request per step "
-              f"({bat[16]:.0f} vs {one[16]:.0f} req/s)")
+    for ctx in result["throughput_contexts"]:
+        rows = [r for r in result["throughput"] if r["context"] == ctx]
+        one = {r["clients"]: r["requests_per_s"] for r in rows if not r["batching"]}
+        bat = {r["clients"]: r["requests_per_s"] for r in rows if r["batching"]}
+        if 16 in one and 16 in bat:
+            print(f"S={ctx}: batching at 16 clients: {bat[16] / one[16]:.2f}x one request per step "
+                  f"({bat[16]:.0f} vs {one[16]:.0f} req/s)")
     print(f"wrote {a.out}; load average before {load0}, after {result['loadavg_after']}")
 
 

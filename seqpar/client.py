@@ -164,6 +164,7 @@ class Client:
         self.host, self.port, self.timeout = u.hostname, u.port, timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._conn: http.client.HTTPConnection | None = None
+        self.last_step_ms: float | None = None
 
     # -- transport --
     def _request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None):
@@ -257,6 +258,7 @@ class Client:
         _, data = self._request("POST", f"/v1/sessions/{session}/attend", encode(header, {"q": q, "k": k, "v": v}),
                                 CONTENT_TYPE)
         head, ts = decode(data, as_torch=not isinstance(q, np.ndarray))
+        self.last_step_ms = head.get("step_ms")  # rank 0's time in the step (compute + collectives), for benchmarks
         out, lse = ts["out"], ts.get("lse")
         if one and not lead:
             out, lse = out[0], None if lse is None else lse[0]

@@ -183,6 +183,7 @@ class Service:
         self.batched = 0
         self.responding = 0
         self.address = ""
+        self.apply_ms = 0.0
         self.hb = Heartbeats(0, world_size) if world_size > 1 else None
 
     # -- the HTTP side (its own thread and event loop) ---------------------------------------------
@@ -407,7 +408,10 @@ class Service:
         try:
             if self.world_size > 1:
                 self.bus.send(kind, ops, tensors)
-            return self.engine.apply(ops, tensors, 0, self.world_size) if kind == _STEP else []
+            t0 = time.perf_counter()
+            results = self.engine.apply(ops, tensors, 0, self.world_size) if kind == _STEP else []
+            self.apply_ms = (time.perf_counter() - t0) * 1000  # the step's compute + collectives on rank 0
+            return results
         finally:
             self.step_started = None
 
@@ -475,7 +479,8 @@ class Service:
         if p.header.get("return_weights"):
             for r, (pos, w) in enumerate(res["weights"][j]):
                 out[f"pos{r}"], out[f"w{r}"] = pos, w
-        return 200, encode({"world_size": self.world_size, "length": s.length(op["layers"][0])}, out), CONTENT_TYPE
+        head = {"world_size": self.world_size, "length": s.length(op["layers"][0]), "step_ms": round(self.apply_ms, 4)}
+        return 200, encode(head, out), CONTENT_TYPE
 
     # -- validation against the sessions (rank 0, before a step) ----------------------------------------
     def _unknown(self, sid) -> str:
