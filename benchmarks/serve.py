@@ -138,8 +138,9 @@ def throughput(context: int, clients: list[int], seconds: float, max_calls: int)
     rows = []
     top = max(clients)
     for batching in (True, False):
+        budget = 2 * top * (context + max_calls) + 4096  # the arena: top slots of (context + max_calls) / 2 + a block
         srv = Served("--set", f"serve.session_slots={top}", "--set", f"serve.max_batch={32 if batching else 1}",
-                     "--set", f"serve.max_sessions={top + 1}", "--set", f"serve.capacity_tokens={4 * top * context}",
+                     "--set", f"serve.max_sessions={top + 1}", "--set", f"serve.capacity_tokens={budget}",
                      "--set", "serve.max_request_bytes=134217728")
         try:
             c = Client(srv.address, timeout=600)

@@ -176,7 +176,6 @@ class Service:
         self.aborting = False
         self.step_started: float | None = None
         self.sessions_created = 0
-        self.arenas_created = 0
         self.counts: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
         self.latency: collections.deque = collections.deque(maxlen=10000)
         self.steps = 0
@@ -363,18 +362,14 @@ class Service:
         window = self.cfg.batch_window_ms / 1000
         while True:
             p = self._next(carry, min(tick, 0.05) if self.draining else tick)
-            if p is None and self.draining:
-                with self.lock:
-                    if self.inbox.empty() and not carry:
-                        self.closing = True
-                        break
-                continue
             if p is None:
-                with self.lock:
-                    if self.draining and self.inbox.empty() and not carry:
-                        self.closing = True
-                        break
-                self._run_step(_TICK, [], {})
+                if self.draining:
+                    with self.lock:  # atomically: no request is accepted after this
+                        if self.inbox.empty() and not carry:
+                            self.closing = True
+                            break
+                    continue
+                self._run_step(_TICK, [], {})  # idle: keep the other ranks' waits short of the group's timeout
                 continue
             if p.kind == "stats":
                 self._finish(p, _ok_json(self.stats()))
@@ -418,12 +413,10 @@ class Service:
     def _step(self, batch: list[Pending]) -> None:
         ops, tensors, owners = [], {}, []  # owners[i]: the requests answered by op i
         groups: dict[tuple, list] = {}
-        reserve = 0
-        for p in batch:
+        for p in batch:  # a create or delete comes alone; appends and attends one per session
             try:
                 if p.kind == "create":
-                    ops.append(self._check_create(p.header, reserve))
-                    reserve += 1
+                    ops.append(self._check_create(p.header))
                     owners.append([p])
                 elif p.kind == "delete":
                     if p.sid not in self.engine.sessions:
@@ -486,7 +479,7 @@ class Service:
     def _unknown(self, sid) -> str:
         return f"unknown session {sid!r} ({len(self.engine.sessions)} sessions open)"
 
-    def _check_create(self, h: dict, reserving: int) -> dict:
+    def _check_create(self, h: dict) -> dict:
         bad = sorted(set(h) - set(_CREATE_KEYS))
         missing = [k for k in _CREATE_KEYS if k not in h and k != "dtype"]
         if bad or missing:
@@ -500,7 +493,7 @@ class Service:
             raise Reject(400, f"create session: heads = {h['heads']} is not a multiple of kv_heads = {h['kv_heads']}")
         if h["dtype"] not in TORCH_DTYPES:
             raise Reject(400, f"create session: dtype = {h['dtype']!r}; allowed: {', '.join(TORCH_DTYPES)}")
-        n = len(self.engine.sessions) + reserving
+        n = len(self.engine.sessions)
         if n >= self.cfg.max_sessions:
             raise Reject(429, f"create session: {n} sessions open, serve.max_sessions = {self.cfg.max_sessions}")
         key = (h["layers"], h["kv_heads"], h["head_dim"], h["dtype"], h["capacity"])
