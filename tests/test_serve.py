@@ -554,3 +554,57 @@ def _engine_batch(rank, world_size):
 
 def test_engine_batch_over_scattered_slots_is_exact(dist):
     assert max(dist(2, _engine_batch, timeout=120)) < 1e-12
+
+
+def test_under_torchrun_rank_0_serves_and_a_drain_stops_every_rank():
+    """``launch/torchrun.sh serve``: the ranks join torchrun's job, rank 0 serves; SIGTERM to rank 0 drains and
+    stops every rank, and torchrun exits 0."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SEQPAR_SERVE_TOKEN")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", NPROC="2")
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), "serve", "--port", "0", "--timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        address, seen = None, []
+        while address is None:
+            line = lines.get(timeout=START_S)
+            seen.append(line)
+            if "ready on " in line:
+                address = line.split("ready on ")[1].split()[0]
+        c = Client(address)
+        seq = Seq(1, 4, 2, 8, seed=3)
+        sid = c.create_session(layers=1, heads=4, kv_heads=2, head_dim=8, capacity=64)
+        q, out = _attend(c, sid, seq, 0, 5)
+        assert (out.double() - seq.ref(0, q)[0]).abs().max() <= TOL[torch.float32]
+        assert c.stats()["world_size"] == 2
+        workers = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _environ(d).get("RANK")
+                   and _environ(d).get("TORCHELASTIC_RUN_ID") and proc.pid in _ancestors(int(d.name))]
+        rank0 = [p for p in workers if _environ(Path(f"/proc/{p}"))["RANK"] == "0"]
+        assert len(workers) == 2 and len(rank0) == 1, workers
+        os.kill(rank0[0], signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "".join(seen)
+        _wait_for(lambda: not any(_alive(p) for p in workers), 30, "workers gone")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _environ(d: Path) -> dict:
+    try:
+        raw = (d / "environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(x.split("=", 1) for x in raw.decode(errors="replace").split("\0") if "=" in x)
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    for _ in range(10):
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+        out.append(pid)
+    return out
