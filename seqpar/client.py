@@ -122,7 +122,9 @@ def decode(body: bytes | bytearray | memoryview, *, as_torch: bool = True) -> tu
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                   for s in shape) or len(shape) > 8:
             raise FrameError(f"tensor {name!r}: shape {shape!r}; expected a list of <= 8 ints >= 0")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = 1
+        for n in shape:  # Python ints: no overflow from a hostile shape
+            count *= n
         nbytes = count * _SIZES[dtype]
         if off + nbytes > len(body):
             raise FrameError(f"truncated body: tensor {name!r} {dtype} {shape} needs {nbytes} bytes at offset "

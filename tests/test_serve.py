@@ -358,6 +358,10 @@ def test_limits_and_token():
             c.append(a, 0, big, big)
         assert e.value.status == 413 and "serve.max_request_bytes = 4096" in e.value.message
         assert c.append(a, 0, big[:, :10], big[:, :10]) == 10
+        c.delete_session(a)
+        with pytest.raises(ServeError) as e:  # within the token budget, but not in this machine's memory
+            c.create_session(layers=1, heads=65536, kv_heads=65536, head_dim=65536, capacity=100)  # 4.6 TiB
+        assert e.value.status == 409 and "MemAvailable" in e.value.message
     finally:
         rc = s.stop()
     assert rc == 0

@@ -506,6 +506,13 @@ class Service:
                                   f"arena of serve.session_slots = {self.cfg.session_slots} sequences x {h['layers']} "
                                   f"layers), but {free} of serve.capacity_tokens = {self.cfg.capacity_tokens} are free "
                                   "per rank")
+            size = {"float64": 8, "float32": 4}.get(h["dtype"], 2)
+            nbytes = 2 * need * h["kv_heads"] * h["head_dim"] * size  # K and V
+            avail = _mem_available()
+            if avail is not None and nbytes > 0.8 * avail:
+                raise Reject(409, f"create session: its arena needs {nbytes / 2**30:.2f} GiB per rank (K/V of "
+                                  f"{need} tokens x {h['kv_heads']} kv heads x {h['head_dim']} x {h['dtype']}), "
+                                  f"{avail / 2**30:.2f} GiB is available on rank 0's node (MemAvailable)")
             aid = max(self.engine.arenas, default=-1) + 1
         else:
             aid = arena.aid
@@ -663,6 +670,18 @@ class Service:
                 pass
         sys.stdout.flush()
         os._exit(1)
+
+
+def _mem_available() -> int | None:
+    """Linux ``MemAvailable`` in bytes, or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def follower(scfg: Any, rank: int, world_size: int, group=None) -> None:
