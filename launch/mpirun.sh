@@ -4,7 +4,7 @@
 #
 #   launch/mpirun.sh                                    # seqpar run $CONFIG (default: configs/mpi.toml)
 #   launch/mpirun.sh configs/mpi.toml --seq-len 4096    # a .toml first: seqpar run that config, flags after it
-#   launch/mpirun.sh verify --group mpi --seq-lens 61   # a seqpar command first: run | verify | bench | info
+#   launch/mpirun.sh verify --group mpi --seq-lens 61   # a seqpar command first: run | verify | bench | info | serve
 #   launch/mpirun.sh examples/train_recall.py --steps 5        # a .py file first: that script on every rank
 #   HOSTS=node0,node1 NP=16 launch/mpirun.sh            # several hosts
 #
@@ -33,9 +33,9 @@ first=${1:-}
 case "$first" in
   "")                       target=(-m seqpar_tools run "$CONFIG") ;;
   *.toml)                   shift; target=(-m seqpar_tools run "$first" "$@") ;;
-  run|verify|bench|info)    shift; target=(-m seqpar_tools "$first" "$@") ;;
+  run|verify|bench|info|serve) shift; target=(-m seqpar_tools "$first" "$@") ;;
   *.py)                     shift; target=("$first" "$@") ;;
-  *) echo "launch/mpirun.sh: first argument '$first' is not a *.toml, a seqpar command (run|verify|bench|info)" \
+  *) echo "launch/mpirun.sh: first argument '$first' is not a *.toml, a seqpar command (run|verify|bench|info|serve)" \
           "or a *.py script; see the top of this file" >&2; exit 2 ;;
 esac
 

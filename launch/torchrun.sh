@@ -3,7 +3,8 @@
 #
 #   launch/torchrun.sh                                  # seqpar run $CONFIG (default: the built-in config)
 #   launch/torchrun.sh configs/gpu.toml --repeats 5     # a .toml first: seqpar run that config, flags after it
-#   launch/torchrun.sh verify --seq-lens 61             # a seqpar command first: run | verify | bench | info
+#   launch/torchrun.sh verify --seq-lens 61             # a seqpar command first: run | verify | bench | info | serve
+#   launch/torchrun.sh serve configs/serve.toml         # the attention service: rank 0 serves HTTP
 #   launch/torchrun.sh examples/train_recall.py --steps 5      # a .py file first: that script on every rank
 #   NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh       # on every node: multi-node, c10d rendezvous
 #
@@ -39,9 +40,9 @@ first=${1:-}
 case "$first" in
   "")                       target=(-m seqpar_tools run ${CONFIG:+"$CONFIG"}) ;;
   *.toml)                   shift; target=(-m seqpar_tools run "$first" "$@") ;;
-  run|verify|bench|info)    shift; target=(-m seqpar_tools "$first" "$@") ;;
+  run|verify|bench|info|serve) shift; target=(-m seqpar_tools "$first" "$@") ;;
   *.py)                     shift; target=("$first" "$@") ;;
-  *) echo "launch/torchrun.sh: first argument '$first' is not a *.toml, a seqpar command (run|verify|bench|info)" \
+  *) echo "launch/torchrun.sh: first argument '$first' is not a *.toml, a seqpar command (run|verify|bench|info|serve)" \
           "or a *.py script; see the top of this file" >&2; exit 2 ;;
 esac
 

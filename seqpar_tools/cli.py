@@ -4,6 +4,7 @@
     seqpar verify [flags]         exactness only, for your shapes / dtypes / world size; exit 1 on mismatch
     seqpar bench [args]           the benchmark (``seqpar bench --help``)
     seqpar info [--json]          versions, backends, kernels on this machine
+    seqpar serve [CONFIG] [flags] the attention service: ranks holding sharded KV caches answer over HTTP
     seqpar --version
 
 ``run`` and ``verify`` spawn their ranks (gloo over 127.0.0.1) unless started by torchrun or
@@ -46,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqpar", description="Exact sequence-parallel attention: jobs and checks.")
     p.add_argument("--version", action="version", version=f"seqpar {version()}")
-    sub = p.add_subparsers(dest="command", metavar="{run,verify,bench,info}", required=True)
+    sub = p.add_subparsers(dest="command", metavar="{run,verify,bench,info,serve}", required=True)
 
     r = sub.add_parser("run", help="the main job (default config: 2 CPU ranks, S=16384, every strategy)",
                        description="Check, time and measure every strategy; write report.json and report.png.")
@@ -110,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     i = sub.add_parser("info", help="versions, backends and kernels on this machine")
     i.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("serve", help="the attention service (README: The attention service)",
+                       description="Start the ranks (or join torchrun/mpirun) and serve attention over HTTP; "
+                                   "prints one 'ready on http://HOST:PORT' line; SIGTERM/Ctrl-C drain and exit 0.")
+    s.add_argument("config", nargs="?", help="a TOML config with a [serve] table (default: configs/default.toml's)")
+    s.add_argument("--host", help="serve.host (not loopback: a token is required)")
+    s.add_argument("--port", type=int, help="serve.port (0 = a free port)")
+    s.add_argument("--token", help="required on every request (Authorization: Bearer); default $SEQPAR_SERVE_TOKEN")
+    s.add_argument("--world-size", type=int, help="run.world_size (spawned ranks; default 2)")
+    s.add_argument("--timeout", type=float, help="serve.timeout_s")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config key, e.g. --set serve.batch_window_ms=2 (repeatable)")
     return p
 
 
@@ -125,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "serve":
+            return _serve(args)
         return _info(args)
     except ConfigError as e:
         print("\n".join(f"seqpar: error: {line}" for line in str(e).splitlines()), file=sys.stderr)
@@ -147,6 +162,23 @@ def _run(args: argparse.Namespace) -> int:
         overrides[key] = val
     cfg = load_config(args.config, overrides)
     return run_job(cfg, log_all_ranks=args.log_all_ranks, show_progress=args.progress)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from seqpar_tools.serve.command import TOKEN_ENV, serve_command
+
+    overrides: dict[str, Any] = {}
+    for dest, key in (("host", "serve.host"), ("port", "serve.port"), ("world_size", "run.world_size"),
+                      ("timeout", "serve.timeout_s")):
+        if getattr(args, dest) is not None:
+            overrides[key] = getattr(args, dest)
+    for item in args.set:
+        key, val = parse_override(item)
+        overrides[key] = val
+    cfg = load_config(args.config, overrides)
+    return serve_command(cfg, args.token or os.environ.get(TOKEN_ENV) or None)
 
 
 def _verify(args: argparse.Namespace) -> int:

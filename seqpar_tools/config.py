@@ -80,11 +80,26 @@ class CheckSection:
 
 
 @dataclass
+class ServeSection:
+    host: str = "127.0.0.1"  # loopback by default; any other address needs a token (--token / SEQPAR_SERVE_TOKEN)
+    port: int = 8470  # 0 = a free port (the ready line names it)
+    capacity_tokens: int = 4194304  # K/V tokens per rank, summed over layers and sessions (arenas count whole)
+    block_size: int = 16  # round-robin placement block (seqpar.KVCache)
+    session_slots: int = 8  # sequences per arena: sessions of one shape share one, and batch into one collective
+    batch_window_ms: float = 1.0  # the longest a request waits for others to join its step
+    max_batch: int = 32  # requests per step (1 = no batching)
+    max_sessions: int = 64  # sessions open at once
+    max_request_bytes: int = 67108864  # request body limit (413 above it)
+    timeout_s: float = 30.0  # a rank silent or a step running this long: pending requests get 503, exit 1
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     attention: AttentionSection = field(default_factory=AttentionSection)
     measure: MeasureSection = field(default_factory=MeasureSection)
     check: CheckSection = field(default_factory=CheckSection)
+    serve: ServeSection = field(default_factory=ServeSection)
     source: str = DEFAULT_SOURCE  # where the values came from (for messages)
     overrides: dict[str, Any] = field(default_factory=dict)  # command-line values applied on top
     origins: dict[str, str] = field(default_factory=dict)  # "section.key" -> the file or "command line"
@@ -118,6 +133,7 @@ SECTIONS: dict[str, type] = {
     "attention": AttentionSection,
     "measure": MeasureSection,
     "check": CheckSection,
+    "serve": ServeSection,
 }
 
 
@@ -273,6 +289,22 @@ def _validate(cfg: Config, where) -> list[str]:
         fail("attention.seq_len", f"must be >= run.world_size = {r.world_size} (every rank needs tokens)")
     if r.world_size and c.seq_len < 2 * r.world_size:
         fail("check.seq_len", f"must be >= 2 * run.world_size = {2 * r.world_size}")
+    sv = cfg.serve
+    for key, val, low in (
+        ("serve.capacity_tokens", sv.capacity_tokens, 1), ("serve.block_size", sv.block_size, 1),
+        ("serve.session_slots", sv.session_slots, 1), ("serve.max_batch", sv.max_batch, 1),
+        ("serve.max_sessions", sv.max_sessions, 1), ("serve.max_request_bytes", sv.max_request_bytes, 1024),
+    ):
+        if val < low:
+            fail(key, f"must be >= {low}")
+    if not 0 <= sv.port <= 65535:
+        fail("serve.port", "must be 0 (a free port) .. 65535")
+    if not sv.host.strip():
+        fail("serve.host", "must name an address, e.g. '127.0.0.1'")
+    if not (math.isfinite(sv.batch_window_ms) and 0 <= sv.batch_window_ms <= 1000):
+        fail("serve.batch_window_ms", "must be 0 .. 1000 milliseconds")
+    if not (math.isfinite(sv.timeout_s) and sv.timeout_s >= 1):
+        fail("serve.timeout_s", "must be a finite number of seconds >= 1")
     if r.out is not None and not r.out.strip():
         fail("run.out", "must name a directory (leave it out for seqpar-out/<config name>)")
     return problems

@@ -1,0 +1,250 @@
+"""The attention service's round trip and throughput (not a test).
+
+    python benchmarks/serve.py                                     # contexts 4k .. 128k, clients 1 .. 32; JSON + plot
+    python benchmarks/serve.py --contexts 4096,16384 --calls 100 --clients 1,16 --seconds 3   # quicker
+    python benchmarks/serve.py --contexts 4096 --throughput-contexts 4096 --clients 1,16       # the two targets
+
+Shape: B = 1, H = 32 query heads, H_kv = 8, D = 128, float32, one layer, a one-token attend (T = 1; the new
+token's K/V appended in the same request). W = 2 gloo ranks, one thread each.
+
+1. **Latency vs context**: p50 / p99 of ``Client.attend`` against a service started with ``seqpar serve``
+   (one session of S tokens, filled by ``append``), and of the same call in-process: ``seqpar.decode_attention``
+   on two ranks of a :class:`seqpar_tools.runner.Pool` over a :class:`seqpar.KVCache` holding S tokens (each
+   call's slowest rank). The difference is the service's overhead: HTTP, framing, the step broadcast.
+2. **Throughput vs concurrency** at a 4k and a 256-token context: N client threads, each its own session, attending for
+   ``--seconds``; requests/s with batching (``serve.max_batch = 32``, window 1 ms: concurrent attends of one
+   arena go through one ``decode_attention`` per layer) and without (``serve.max_batch = 1``: one request
+   per step).
+
+Writes ``--out`` (JSON, with the load average before and after) and a plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)  # seqpar from this checkout
+
+import torch  # noqa: E402
+
+from seqpar.client import Client  # noqa: E402
+
+H, HKV, D = 32, 8, 128
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def _inprocess_rank(rank, world_size, context, calls):
+    from seqpar.cache import KVCache
+    from seqpar.decode import decode_attention
+    from seqpar_tools.serve.engine import append
+
+    torch.manual_seed(rank)
+    cache = KVCache(num_layers=1, max_batch=1, max_seq_len=context + calls + 8, kv_heads=HKV, head_dim=D)
+    (slot,) = cache.allocate(1)
+    g = torch.Generator().manual_seed(0)  # the same K/V on every rank (as the service's broadcast)
+    for a in range(0, context, 8192):
+        t = min(8192, context - a)
+        append(cache, 0, slot, torch.randn(HKV, t, D, generator=g), torch.randn(HKV, t, D, generator=g))
+    times = []
+    for i in range(calls + 3):
+        q, k, v = torch.randn(1, H, 1, D, generator=g), torch.randn(1, HKV, 1, D, generator=g), \
+            torch.randn(1, HKV, 1, D, generator=g)
+        t0 = time.perf_counter()
+        decode_attention(cache, 0, q, k, v, slots=[slot])
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+class Served:
+    def __init__(self, *args: str):
+        env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "seqpar_tools", "serve", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
+        while True:
+            line = lines.get(timeout=120)
+            if "ready on " in line:
+                self.address = line.split("ready on ")[1].split()[0]
+                return
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def _fill(c: Client, sid: str, context: int, g: torch.Generator) -> None:
+    for a in range(0, context, 8192):
+        t = min(8192, context - a)
+        c.append(sid, 0, torch.randn(HKV, t, D, generator=g), torch.randn(HKV, t, D, generator=g))
+
+
+def latency(contexts: list[int], calls: int) -> list[dict]:
+    from seqpar_tools.runner import Pool
+
+    rows = []
+    with Pool(2, timeout_s=600) as pool:
+        for s in contexts:
+            per_rank = pool.run(_inprocess_rank, s, calls, timeout=600)
+            times = [max(a, b) for a, b in zip(*per_rank)]
+            rows.append({"context": s, "inprocess_p50_ms": _pct(times, 0.5) * 1e3,
+                         "inprocess_p99_ms": _pct(times, 0.99) * 1e3})
+            print(f"in-process S={s}: p50 {rows[-1]['inprocess_p50_ms']:.3f} ms", flush=True)
+    top = max(contexts)
+    srv = Served("--set", "serve.session_slots=1", "--set", f"serve.capacity_tokens={4 * top + 4096}",
+                 "--set", "serve.max_request_bytes=134217728")
+    try:
+        c = Client(srv.address, timeout=600)
+        g = torch.Generator().manual_seed(0)
+        for row in rows:
+            s = row["context"]
+            sid = c.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, capacity=s + calls + 8)
+            _fill(c, sid, s, g)
+            times, over = [], []
+            for i in range(calls + 3):
+                q, k, v = torch.randn(H, 1, D, generator=g), torch.randn(HKV, 1, D, generator=g), \
+                    torch.randn(HKV, 1, D, generator=g)
+                t0 = time.perf_counter()
+                c.attend(sid, 0, q, k, v)
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+                    over.append(times[-1] * 1e3 - c.last_step_ms)  # this call's round trip minus rank 0's step
+            c.delete_session(sid)
+            row.update(service_p50_ms=_pct(times, 0.5) * 1e3, service_p99_ms=_pct(times, 0.99) * 1e3,
+                       overhead_p50_ms=_pct(over, 0.5), overhead_p99_ms=_pct(over, 0.99))
+            print(f"service    S={s}: p50 {row['service_p50_ms']:.3f} ms p99 {row['service_p99_ms']:.3f} ms "
+                  f"(overhead: round trip - step, per call, p50 {row['overhead_p50_ms']:.3f} ms)", flush=True)
+    finally:
+        srv.stop()
+    return rows
+
+
+def throughput(context: int, clients: list[int], seconds: float, max_calls: int) -> list[dict]:
+    """Each run: n fresh sessions of ``context`` tokens (one arena), n threads attending for ``seconds`` (at most
+    ``max_calls`` each, so the context stays within ``context + max_calls``)."""
+    rows = []
+    top = max(clients)
+    for batching in (True, False):
+        budget = 2 * top * (context + max_calls) + 4096  # the arena: top slots of (context + max_calls) / 2 + a block
+        srv = Served("--set", f"serve.session_slots={top}", "--set", f"serve.max_batch={32 if batching else 1}",
+                     "--set", f"serve.max_sessions={top + 1}", "--set", f"serve.capacity_tokens={budget}",
+                     "--set", "serve.max_request_bytes=134217728")
+        try:
+            c = Client(srv.address, timeout=600)
+            g = torch.Generator().manual_seed(0)
+            for n in clients:
+                sids = [c.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, capacity=context + max_calls)
+                        for _ in range(n)]
+                for sid in sids:
+                    _fill(c, sid, context, g)
+                stop = threading.Event()
+                counts = [0] * n
+
+                def work(i):
+                    gi = torch.Generator().manual_seed(i)
+                    q, k, v = torch.randn(H, 1, D, generator=gi), torch.randn(HKV, 1, D, generator=gi), \
+                        torch.randn(HKV, 1, D, generator=gi)
+                    with Client(srv.address, timeout=600) as ci:
+                        while not stop.is_set() and counts[i] < max_calls:
+                            ci.attend(sids[i], 0, q, k, v)
+                            counts[i] += 1
+
+                threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+                before = c.stats()
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                stop.wait(seconds)  # the measurement interval
+                stop.set()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                after = c.stats()
+                steps = after["steps"] - before["steps"]
+                rows.append({"context": context, "batching": batching, "clients": n,
+                             "requests_per_s": sum(counts) / wall,
+                             "requests_per_step": sum(counts) / max(1, steps), "calls": sum(counts)})
+                print(f"S={context} batching={batching} clients={n}: {rows[-1]['requests_per_s']:.0f} req/s, "
+                      f"{rows[-1]['requests_per_step']:.2f} req/step", flush=True)
+                for sid in sids:
+                    c.delete_session(sid)
+        finally:
+            srv.stop()
+    return rows
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    lat = result["latency"]
+    xs = [r["context"] for r in lat]
+    for key, label in (("service", "service (HTTP round trip)"), ("inprocess", "in-process decode_attention")):
+        a.errorbar(xs, [r[f"{key}_p50_ms"] for r in lat],
+                   yerr=[[0] * len(lat), [r[f"{key}_p99_ms"] - r[f"{key}_p50_ms"] for r in lat]],
+                   marker="o", capsize=3, label=f"{label}: p50 (bar to p99)")
+    a.set(xscale="log", xlabel="context (tokens)", ylabel="ms per one-token attend", title="latency, W=2")
+    a.legend(fontsize=8)
+    for ctx in result["throughput_contexts"]:
+        for batching in (True, False):
+            rows = [r for r in result["throughput"] if r["batching"] == batching and r["context"] == ctx]
+            b.plot([r["clients"] for r in rows], [r["requests_per_s"] for r in rows], marker="o" if batching else "x",
+                   linestyle="-" if batching else "--",
+                   label=f"S={ctx}: " + ("batching (max_batch 32)" if batching else "one request per step"))
+    b.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests / s", title="throughput, W=2")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contexts", default="4096,16384,65536,131072")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--clients", default="1,2,4,8,16,32")
+    p.add_argument("--throughput-contexts", default="4096,256")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--max-calls", type=int, default=3000, help="per client and run (bounds the context growth)")
+    p.add_argument("--out", default="seqpar-out/bench-serve/serve.json")
+    a = p.parse_args()
+    load0 = os.getloadavg()
+    result = {"shape": {"B": 1, "H": H, "H_kv": HKV, "D": D, "T": 1, "dtype": "float32", "world_size": 2},
+              "throughput_contexts": [int(x) for x in a.throughput_contexts.split(",")]}
+    result["latency"] = latency([int(x) for x in a.contexts.split(",")], a.calls)
+    clients = [int(x) for x in a.clients.split(",")]
+    result["throughput"] = [r for ctx in result["throughput_contexts"]
+                            for r in throughput(ctx, clients, a.seconds, a.max_calls)]
+    result["loadavg_before"], result["loadavg_after"] = load0, os.getloadavg()
+    result["cpus"] = os.cpu_count()
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.splitext(a.out)[0] + ".png")
+    for ctx in result["throughput_contexts"]:
+        rows = [r for r in result["throughput"] if r["context"] == ctx]
+        one = {r["clients"]: r["requests_per_s"] for r in rows if not r["batching"]}
+        bat = {r["clients"]: r["requests_per_s"] for r in rows if r["batching"]}
+        if 16 in one and 16 in bat:
+            print(f"S={ctx}: batching at 16 clients: {bat[16] / one[16]:.2f}x one request per step "
+                  f"({bat[16]:.0f} vs {one[16]:.0f} req/s)")
+    print(f"wrote {a.out}; load average before {load0}, after {result['loadavg_after']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Client of the attention service (``seqpar serve``): the model process sends queries and new K/V, the
+service's ranks hold the sharded KV cache and answer with the exact attention output.
+
+    from seqpar.client import Client
+    with Client("http://127.0.0.1:8470", token=None, timeout=30) as c:
+        s = c.create_session(layers=2, heads=32, kv_heads=8, head_dim=128, dtype="float32", capacity=131072)
+        c.append(s, 0, k, v)                                   # k, v (H_kv, T, D) or (1, H_kv, T, D)
+        out, lse = c.attend(s, 0, q, k_new, v_new, return_lse=True)   # q (H, T, D) or (1, H, T, D)
+        outs = c.attend(s, [0, 1], q2, k2, v2)                 # several layers: q2 (L, H, T, D), k2 (L, H_kv, T, D)
+        c.delete_session(s)
+
+numpy arrays or torch tensors in, the same kind out (bfloat16 needs torch). One HTTP/1.1 connection is kept
+and reused (``http.client``, the standard library: the client needs no server library). A request the
+service refuses raises :class:`ServeError` with the HTTP status and the service's message; a network failure
+or a timeout raises :class:`ServeUnavailable`. Not thread-safe: one client per thread.
+
+The wire format (also used by the service between its ranks), for every request and answer with tensors
+(content type ``application/x-seqpar``)::
+
+    uint32 little-endian  N         length of the header
+    N bytes               header    UTF-8 JSON: the request's fields and "tensors": [{"name", "dtype", "shape"}]
+    the tensors' bytes               raw little-endian, C order, in the order of "tensors", nothing between
+
+Nothing is ever unpickled: a body whose header is not this JSON is refused (400).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import struct
+import sys
+import urllib.parse
+from typing import Any
+
+import numpy as np
+
+CONTENT_TYPE = "application/x-seqpar"
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int64")
+_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8}
+_MAX_HEADER = 1 << 20
+if sys.byteorder != "little":  # pragma: no cover - x86 / ARM are little-endian
+    raise ImportError("seqpar.client: the wire format is little-endian; this machine is big-endian")
+
+
+class FrameError(ValueError):
+    """A body that is not a valid frame (bad header, unknown dtype, truncated): the service answers 400."""
+
+
+class ServeError(RuntimeError):
+    """The service refused or failed a request: ``status`` (HTTP code) and ``message`` (the service's words)."""
+
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+        super().__init__(f"seqpar service: HTTP {status}: {message}")
+
+
+class ServeUnavailable(ConnectionError):
+    """The service could not be reached, closed the connection, or did not answer within the timeout."""
+
+
+# -- frames -----------------------------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _to_bytes(t: Any) -> tuple[str, list[int], memoryview]:
+    if isinstance(t, np.ndarray):
+        name = str(t.dtype)
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name}; allowed: {', '.join(DTYPES)}")
+        a = np.ascontiguousarray(t)
+        return name, list(a.shape), memoryview(a).cast("B")
+    torch = _torch()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a numpy array or a torch tensor, got {type(t).__name__}")
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name}; allowed: {', '.join(DTYPES)}")
+    c = t.detach().to("cpu").contiguous()
+    return name, list(c.shape), memoryview(c.view(torch.uint8).reshape(-1).numpy())
+
+
+def encode(header: dict[str, Any], tensors: dict[str, Any] | None = None) -> bytes:
+    """A frame: ``header`` (JSON-able) plus ``tensors`` (name -> array/tensor), see the module docstring."""
+    metas, blobs = [], []
+    for name, t in (tensors or {}).items():
+        dtype, shape, raw = _to_bytes(t)
+        metas.append({"name": name, "dtype": dtype, "shape": shape})
+        blobs.append(raw)
+    head = json.dumps({**header, "tensors": metas}, separators=(",", ":")).encode()
+    return b"".join([struct.pack("<I", len(head)), head, *blobs])
+
+
+def decode(body: bytes | bytearray | memoryview, *, as_torch: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(header, tensors)`` of a frame; raises :class:`FrameError` naming what is wrong."""
+    body = memoryview(body)
+    if len(body) < 4:
+        raise FrameError(f"body of {len(body)} bytes: too short for a frame (4-byte header length first)")
+    (n,) = struct.unpack_from("<I", body, 0)
+    if n > min(_MAX_HEADER, len(body) - 4):
+        raise FrameError(f"header length {n} bytes, but the body has {len(body) - 4} bytes after the length "
+                         f"(limit {_MAX_HEADER}): not a seqpar frame (the service accepts no pickle)")
+    try:
+        header = json.loads(bytes(body[4:4 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FrameError(f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors", []), list):
+        raise FrameError("header must be a JSON object with a 'tensors' list")
+    tensors: dict[str, Any] = {}
+    off = 4 + n
+    for i, meta in enumerate(header.pop("tensors", [])):
+        if not isinstance(meta, dict) or set(meta) != {"name", "dtype", "shape"}:
+            raise FrameError(f"tensors[{i}] = {meta!r}: expected {{'name', 'dtype', 'shape'}}")
+        name, dtype, shape = meta["name"], meta["dtype"], meta["shape"]
+        if dtype not in DTYPES:
+            raise FrameError(f"tensor {name!r}: dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                  for s in shape) or len(shape) > 8:
+            raise FrameError(f"tensor {name!r}: shape {shape!r}; expected a list of <= 8 ints >= 0")
+        count = 1
+        for n in shape:  # Python ints: no overflow from a hostile shape
+            count *= n
+        nbytes = count * _SIZES[dtype]
+        if off + nbytes > len(body):
+            raise FrameError(f"truncated body: tensor {name!r} {dtype} {shape} needs {nbytes} bytes at offset "
+                             f"{off}, the body has {len(body)} bytes")
+        tensors[name] = _from_bytes(body[off:off + nbytes], dtype, shape, as_torch)
+        off += nbytes
+    if off != len(body):
+        raise FrameError(f"body has {len(body) - off} bytes after the last tensor (header says {off}, got {len(body)})")
+    return header, tensors
+
+
+def _from_bytes(raw: memoryview, dtype: str, shape: list[int], as_torch: bool) -> Any:
+    if not as_torch and dtype != "bfloat16":
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    torch = _torch()
+    buf = bytearray(raw)  # writable, owned
+    if not buf:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape)
+
+
+# -- the client -------------------------------------------------------------------------------------
+
+
+class Client:
+    """A connection to ``seqpar serve`` at ``address`` (``http://host:port`` or ``host:port``).
+
+    Args:
+        token: the service's token (sent as ``Authorization: Bearer``); default none.
+        timeout: seconds to wait for connect and for each answer (then :class:`ServeUnavailable`).
+    """
+
+    def __init__(self, address: str, *, token: str | None = None, timeout: float = 60.0):
+        if "://" not in address:
+            address = "http://" + address
+        u = urllib.parse.urlsplit(address)
+        if u.scheme != "http" or not u.hostname or not u.port:
+            raise ValueError(f"address={address!r}; expected http://HOST:PORT")
+        self.host, self.port, self.timeout = u.hostname, u.port, timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._conn: http.client.HTTPConnection | None = None
+        self.last_step_ms: float | None = None
+
+    # -- transport --
+    def _request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None):
+        headers = dict(self._headers)
+        if ctype:
+            headers["Content-Type"] = ctype
+        for attempt in range(2):
+            fresh = self._conn is None
+            if fresh:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.request(method, path, body=body, headers=headers)
+                resp = self._conn.getresponse()
+                data = resp.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                self.close()
+                if fresh or attempt or method != "GET":  # only a GET may be resent (nothing changes twice)
+                    raise ServeUnavailable(f"seqpar service at {self.host}:{self.port}: {e!r} during {method} "
+                                           f"{path}") from e
+            except OSError as e:  # refused, timed out
+                self.close()
+                raise ServeUnavailable(
+                    f"seqpar service at {self.host}:{self.port}: {e!r} during {method} {path}") from e
+        if resp.status >= 400:
+            try:
+                msg = json.loads(data)["error"]
+            except Exception:  # noqa: BLE001 - not our JSON: show what came
+                msg = data[:500].decode("utf-8", "replace")
+            raise ServeError(resp.status, msg)
+        return resp.getheader("Content-Type", ""), data
+
+    def _json(self, method: str, path: str, payload: dict | None = None) -> dict:
+        body = None if payload is None else json.dumps(payload).encode()
+        _, data = self._request(method, path, body, "application/json" if body is not None else None)
+        return json.loads(data)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the API --
+    def health(self) -> dict:
+        """``{"status": "ok", "world_size": W, ...}``."""
+        return self._json("GET", "/v1/health")
+
+    def stats(self) -> dict:
+        """Per-rank used/reserved/free tokens, sessions, request counts, latency percentiles."""
+        return self._json("GET", "/v1/stats")
+
+    def create_session(self, *, layers: int, heads: int, kv_heads: int, head_dim: int, capacity: int,
+                       dtype: str = "float32") -> str:
+        """A new sequence held by the service (``capacity`` tokens at most); returns its id."""
+        return self._json("POST", "/v1/sessions", {"layers": layers, "heads": heads, "kv_heads": kv_heads,
+                                                   "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."),
+                                                   "capacity": capacity})["session"]
+
+    def delete_session(self, session: str) -> None:
+        self._json("DELETE", f"/v1/sessions/{session}")
+
+    def append(self, session: str, layer: int, k: Any, v: Any) -> int:
+        """Store new keys/values ``(H_kv, T, D)`` (or ``(1, H_kv, T, D)``) of ``layer``; returns the new length."""
+        k, v = (_squeeze1(t, 3, "k/v") for t in (k, v))
+        _, data = self._request("POST", f"/v1/sessions/{session}/append", encode({"layer": layer}, {"k": k, "v": v}),
+                                CONTENT_TYPE)
+        return int(decode(data)[0]["length"])
+
+    def attend(self, session: str, layers: int | list[int], q: Any, k: Any, v: Any, *, scale: float | None = None,
+               return_lse: bool = False, return_weights: bool = False) -> Any:
+        """Append ``k, v`` and attend ``q`` over the whole sequence (causal: query ``t`` sees keys ``<= length + t``).
+
+        One layer (an int): ``q (H, T, D)`` or ``(1, H, T, D)``, ``k, v (H_kv, T, D)`` or with the leading 1.
+        Several layers (a list of L): ``q (L, H, T, D)``, ``k, v (L, H_kv, T, D)``; computed in one step.
+        Returns ``out`` shaped like ``q``, plus ``lse`` (``q``'s shape without D, float32) with ``return_lse``,
+        plus with ``return_weights`` a list with one ``(positions (n_r,), weights (L, H, T, n_r))`` per rank:
+        each rank's shard of the attention weights over the global key positions it holds.
+        """
+        one = isinstance(layers, int)
+        lead = 1 if one and (q.ndim == 4) else 0
+        if one:
+            q, k, v = (_squeeze1(t, 3, n)[None] for t, n in ((q, "q"), (k, "k"), (v, "v")))
+            layers = [layers]
+        header = {"layers": list(layers), "scale": scale, "return_lse": return_lse, "return_weights": return_weights}
+        _, data = self._request("POST", f"/v1/sessions/{session}/attend", encode(header, {"q": q, "k": k, "v": v}),
+                                CONTENT_TYPE)
+        head, ts = decode(data, as_torch=not isinstance(q, np.ndarray))
+        self.last_step_ms = head.get("step_ms")  # rank 0's time in the step (compute + collectives), for benchmarks
+        out, lse = ts["out"], ts.get("lse")
+        if one and not lead:
+            out, lse = out[0], None if lse is None else lse[0]
+        res = [out]
+        if return_lse:
+            res.append(lse)
+        if return_weights:
+            res.append([(ts[f"pos{r}"], ts[f"w{r}"]) for r in range(head["world_size"])])
+        return res[0] if len(res) == 1 else tuple(res)
+
+
+def _squeeze1(t: Any, dims: int, name: str) -> Any:
+    """``(1, *x)`` -> ``x`` when ``t`` has ``dims + 1`` dims (the SDPA batch of one)."""
+    if t.ndim == dims + 1:
+        if t.shape[0] != 1:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: a session is one sequence (batch 1)")
+        return t[0]
+    return t
