@@ -31,33 +31,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-STRATEGIES = ("allreduce", "ring", "allgather")
+from seqpar.layout import LAYOUTS, shard_sizes
+from seqpar.strategies.registry import REGISTRY, STRATEGIES, Shape
 
 
 def bytes_sent(
     strategy: str, *, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, world_size: int,
-    element_size: int, q_len: int | None = None,
+    element_size: int, q_len: int | None = None, layout: str = "contiguous", rank: int | None = None,
 ) -> dict[str, int]:
-    """Bytes each rank sends for one forward call (``"fwd"``) and one forward + backward (``"fwd_bwd"``), as
-    each algorithm is written (the module docstring's tables); ``element_size`` is the inputs' bytes per
-    element."""
-    w, e, b, h, d = world_size, element_size, batch, heads, head_dim
-    sq = seq_len if q_len is None else q_len
-    sq_r, sk_r = -(-sq // w), -(-seq_len // w)
-    f = (w - 1) / w
-    q_bytes = b * h * sq_r * d * e
-    kv_local = 2 * b * kv_heads * sk_r * d * e
-    kv32 = 2 * b * kv_heads * sk_r * d * 4
-    if strategy == "allreduce":
-        fwd = (w - 1) * q_bytes + f * b * h * sq * (d + 1) * 4 + 2 * f * b * h * sq * 4
-        bwd = 3 * (w - 1) * q_bytes + (w - 1) * b * h * sq_r * 4 + f * b * h * sq * d * 4
-    elif strategy == "allgather":
-        fwd, bwd = (w - 1) * kv_local, (w - 1) * kv32
-    elif strategy == "ring":
-        fwd, bwd = (w - 1) * kv_local, (w - 1) * kv_local + w * kv32
-    else:
+    """Bytes one rank sends for one forward call (``"fwd"``) and one forward + backward (``"fwd_bwd"``): the
+    strategy's registered formula (:mod:`seqpar.strategies.registry`) for the shard lengths ``layout`` gives.
+    Each call also all-gathers its argument check (:func:`seqpar.checks.agree`, a small int64 row: not counted
+    here). ``rank``: that rank's figure; default the largest over the ranks (they differ only for ``ulysses``
+    with uneven shards or heads)."""
+    if strategy not in REGISTRY:
         raise ValueError(f"strategy={strategy!r}; allowed: {', '.join(map(repr, STRATEGIES))}")
-    return {"fwd": int(fwd), "fwd_bwd": int(fwd + bwd)}
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
+    w = world_size
+    sq = seq_len if q_len is None else q_len
+    x = Shape(batch, heads, kv_heads, head_dim, tuple(shard_sizes(sq, w, layout)),
+              tuple(shard_sizes(seq_len, w, layout)), element_size)
+    fn = REGISTRY[strategy].bytes
+    per_rank = [fn(x, r) for r in (range(w) if rank is None else [rank])]
+    fwd = max(f for f, _ in per_rank)
+    fwd_bwd = max(f + b for f, b in per_rank)
+    return {"fwd": int(fwd), "fwd_bwd": int(fwd_bwd)}
 
 
 @dataclass
@@ -102,15 +101,11 @@ def plan(
         raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     w, e = world_size, torch.empty((), dtype=dtype).element_size()
     sq = seq_len if q_len is None else q_len
-    sq_r, sk_r = -(-sq // w), -(-seq_len // w)
-    kv_local = 2 * batch * kv_heads * sk_r * head_dim * e
+    x = Shape(batch, heads, kv_heads, head_dim, tuple(shard_sizes(sq, w, "contiguous")),
+              tuple(shard_sizes(seq_len, w, "contiguous")), e)
     cost = {s: bytes_sent(s, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim,
                           world_size=w, element_size=e, q_len=q_len)["fwd"] for s in STRATEGIES}
-    memory = {
-        "allreduce": w * batch * heads * sq_r * (head_dim * e + (head_dim + 2) * 4),
-        "allgather": w * kv_local,
-        "ring": 2 * kv_local,
-    }
+    memory = {s: REGISTRY[s].memory(x) for s in STRATEGIES}
     if w == 1:
         return Plan("allgather", "one rank: nothing to communicate", cost, memory)
     if cost["allreduce"] < cost["ring"]:
