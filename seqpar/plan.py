@@ -59,18 +59,30 @@ def bytes_sent(
     return {"fwd": int(fwd), "fwd_bwd": int(fwd_bwd)}
 
 
+#: The link model's defaults (:func:`plan`): an 8-GPU node of the H100 class -- NVLink inside the node, one
+#: 200 Gb/s NIC per GPU across nodes -- and a dense bf16 attention kernel's sustained rate.
+INTRA_NODE_BANDWIDTH = 150e9  # bytes/s one rank sends inside a node (NVLink 4: 450 GB/s peak, ~1/3 in collectives)
+INTER_NODE_BANDWIDTH = 25e9  # bytes/s one rank sends to another node (200 Gb/s InfiniBand / RoCE per GPU)
+LATENCY_S = 10e-6  # per collective or ring step
+FLOPS = 300e12  # attention FLOP/s per rank (flash attention forward, bf16, H100: ~300-400 TFLOP/s)
+
+
 @dataclass
 class Plan:
     strategy: str
     reason: str
     bytes_per_rank: dict[str, int] = field(default_factory=dict)
     extra_memory: dict[str, int] = field(default_factory=dict)
+    exposed_s: dict[str, float] = field(default_factory=dict)  # communication not hidden behind compute (fwd)
+    compute_s: float = 0.0  # the forward's attention compute per rank
 
     def table(self) -> str:
-        rows = [f"{'strategy':<10} {'bytes/rank (fwd)':>18} {'extra memory':>14}"]
+        rows = [f"{'strategy':<10} {'bytes/rank (fwd)':>18} {'exposed comm':>13} {'extra memory':>14}"
+                f"   (compute {self.compute_s * 1e3:.3g} ms/rank)"]
         for s in STRATEGIES:
             mark = "  <- " + self.reason if s == self.strategy else ""
-            rows.append(f"{s:<10} {self.bytes_per_rank[s]:>18,} {self.extra_memory[s]:>14,}{mark}")
+            rows.append(f"{s:<10} {self.bytes_per_rank[s]:>18,} {self.exposed_s[s] * 1e3:>10.3g} ms "
+                        f"{self.extra_memory[s]:>14,}{mark}")
         return "\n".join(rows)
 
 
@@ -84,33 +96,75 @@ def plan(
     world_size: int,
     dtype: torch.dtype = torch.bfloat16,
     q_len: int | None = None,
+    ranks_per_node: int | None = None,
+    intra_node_bandwidth: float = INTRA_NODE_BANDWIDTH,
+    inter_node_bandwidth: float = INTER_NODE_BANDWIDTH,
+    latency_s: float = LATENCY_S,
+    flops: float = FLOPS,
 ) -> Plan:
-    """Which strategy ``auto`` picks for these shapes, and why.
+    """Which strategy ``auto`` picks for these shapes, and why: the least communication left exposed.
 
     ``seq_len`` is the global key length; ``q_len`` the global query length (default: the same, as
-    in training; pass e.g. 1 for decode).
+    in training; pass e.g. 1 for decode). ``ranks_per_node`` (default: every rank on one node) sets which
+    transfers cross nodes; the module constants give the defaults of the link model.
+
+    Model, per rank, forward (the backward repeats the pattern): compute ``c = 4*B*H*Sq*Sk*D / W / flops``
+    (the same for every strategy). A strategy whose ranks span nodes moves its bytes at
+    ``inter_node_bandwidth`` (the slowest link bounds a ring step or a collective), else at
+    ``intra_node_bandwidth``; ``ulysses``' all-to-all sends ``(W - n)/(W - 1)`` of its bytes across nodes
+    (``n`` ranks per node) and its time is the larger of the two links' shares. Exposed communication:
+    ``allreduce``, ``allgather``, ``ulysses``: all of it (collectives before/after the compute), plus
+    ``latency_s`` per collective; ``ring``: per step ``max(0, step transfer - c/W)``, W - 1 steps (each step's
+    K/V transfer runs behind the previous block's compute). The least exposed time wins; ties go to the
+    fewest bytes, then to ``ring``, ``ulysses``, ``allgather``, ``allreduce``.
     """
     sizes = {
         "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_len": seq_len, "head_dim": head_dim,
         "world_size": world_size, "q_len": 1 if q_len is None else q_len,
+        "ranks_per_node": 1 if ranks_per_node is None else ranks_per_node,
     }
     for name, n in sizes.items():
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name}={n!r}; allowed: an int >= 1")
+    for name, v in {"intra_node_bandwidth": intra_node_bandwidth, "inter_node_bandwidth": inter_node_bandwidth,
+                    "flops": flops}.items():
+        if not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"{name}={v!r}; allowed: a finite number > 0")
+    if not isinstance(latency_s, (int, float)) or not 0 <= latency_s < float("inf"):
+        raise ValueError(f"latency_s={latency_s!r}; allowed: a finite number >= 0")
     if heads % kv_heads:
         raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     w, e = world_size, torch.empty((), dtype=dtype).element_size()
+    n = w if ranks_per_node is None else min(ranks_per_node, w)
     sq = seq_len if q_len is None else q_len
     x = Shape(batch, heads, kv_heads, head_dim, tuple(shard_sizes(sq, w, "contiguous")),
               tuple(shard_sizes(seq_len, w, "contiguous")), e)
     cost = {s: bytes_sent(s, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim,
                           world_size=w, element_size=e, q_len=q_len)["fwd"] for s in STRATEGIES}
     memory = {s: REGISTRY[s].memory(x) for s in STRATEGIES}
+    compute = 4 * batch * heads * sq * seq_len * head_dim / w / flops
     if w == 1:
-        return Plan("allgather", "one rank: nothing to communicate", cost, memory)
-    if cost["allreduce"] < cost["ring"]:
-        return Plan("allreduce", "fewest bytes: queries are smaller than K/V", cost, memory)
-    return Plan("ring", "fewest bytes, transfers overlap compute, two K/V shards in memory", cost, memory)
+        return Plan("allgather", "one rank: nothing to communicate", cost, memory, dict.fromkeys(STRATEGIES, 0.0),
+                    compute)
+    bw = inter_node_bandwidth if n < w else intra_node_bandwidth
+    inter = (w - n) / (w - 1)
+    step = cost["ring"] / (w - 1) / bw + latency_s
+    exposed = {
+        "allreduce": cost["allreduce"] / bw + 3 * latency_s,
+        "ring": (w - 1) * max(0.0, step - compute / w),
+        "allgather": cost["allgather"] / bw + latency_s,
+        "ulysses": max(cost["ulysses"] * (1 - inter) / intra_node_bandwidth,
+                       cost["ulysses"] * inter / inter_node_bandwidth) + 2 * latency_s,
+    }
+    order = ("ring", "ulysses", "allgather", "allreduce")
+    best = min(order, key=lambda s: (round(exposed[s], 12), cost[s], order.index(s)))
+    why = {
+        "ring": "transfers hidden behind compute" if exposed["ring"] == 0 else "least exposed communication",
+        "ulysses": "least exposed communication: fewest bytes (heads moved, not K/V around the ring)",
+        "allgather": "least exposed communication: one collective",
+        "allreduce": "least exposed communication: queries smaller than K/V",
+    }[best]
+    return Plan(best, why, cost, memory, exposed, compute)
 
 
 # --- decode over a sharded KV cache (seqpar.decode) ------------------------------------------------------------

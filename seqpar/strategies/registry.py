@@ -81,11 +81,12 @@ def _ulysses_bytes(x: Shape, rank: int) -> tuple[int, int]:
     split = head_split(x.heads, x.kv_heads, x.w)
     h = [qb - qa for qa, qb, _, _ in split]
     g = [kb - ka for _, _, ka, kb in split]
-    bsd = [x.batch * s * x.head_dim for s in x.q_sizes]
+    bq = [x.batch * s * x.head_dim for s in x.q_sizes]
+    bk = [x.batch * s * x.head_dim for s in x.kv_sizes]
     others = [j for j in range(x.w) if j != rank]
     e2 = x.s if has_copies(split) else x.e
-    fwd = sum(bsd[rank] * (h[j] + 2 * g[j]) * x.e + bsd[j] * h[rank] * x.e for j in others)
-    bwd = sum(bsd[rank] * h[j] * x.e + bsd[j] * (h[rank] + 2 * g[rank]) * e2 for j in others)
+    fwd = sum((bq[rank] * h[j] + 2 * bk[rank] * g[j] + bq[j] * h[rank]) * x.e for j in others)
+    bwd = sum(bq[rank] * h[j] * x.e + (bq[j] * h[rank] + 2 * bk[j] * g[rank]) * e2 for j in others)
     return fwd, bwd
 
 
