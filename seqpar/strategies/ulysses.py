@@ -159,14 +159,18 @@ class UlyssesAttention(torch.autograd.Function):
     k, v          (B, H_kv, S_r, D)         this rank's keys / values
     out           (B, H, S_r, D)            this rank's slice of the output
     ============  ========================  ===============================
+
+    Memory: one all-to-all per tensor (q, k, v, out; dout; dq, dk, dv), so at most one tensor's send and
+    receive buffers are alive at a time. The head-sharded q, k, v, out are saved for the backward (as large as
+    the local shards with an even head split).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, setup: Setup):
-        h, h_kv, w, r = q.shape[1], k.shape[1], setup.world_size, setup.rank
+        h, h_kv, w = q.shape[1], k.shape[1], setup.world_size
         split = head_split(h, h_kv, w)
         qr, kr = [(a, b) for a, b, _, _ in split], [(a, b) for _, _, a, b in split]
-        qf, kf, vf = _to_heads(setup, [(q, qr), (k, kr), (v, kr)], q.dtype)
+        (qf,), (kf,), (vf,) = (_to_heads(setup, [(t, rng)], q.dtype) for t, rng in ((q, qr), (k, kr), (v, kr)))
         tokens = _full_tokens(setup, q.device)
         if qf.shape[1]:
             out_f, lse_f = tiled_forward(qf, kf, vf, tokens, tokens, setup.spec, setup.scale)
@@ -176,22 +180,25 @@ class UlyssesAttention(torch.autograd.Function):
             lse_f = torch.zeros(qf.shape[:3], dtype=stat_dtype(q.dtype), device=q.device)
         (out,) = _to_sequence(setup, [(out_f, qr)], [h], q.dtype)
         ctx.save_for_backward(qf, kf, vf, out_f, lse_f)
-        ctx.setup, ctx.split, ctx.tokens = setup, split, tokens
+        ctx.setup, ctx.split, ctx.tokens, ctx.shape = setup, split, tokens, (h, h_kv)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         qf, kf, vf, out_f, lse_f = ctx.saved_tensors
         setup, split, tokens = ctx.setup, ctx.split, ctx.tokens
-        dtype = qf.dtype
+        dtype, (h, h_kv) = qf.dtype, ctx.shape
         qr, kr = [(a, b) for a, b, _, _ in split], [(a, b) for _, _, a, b in split]
-        h, h_kv = split[-1][1], max(b for *_, b in split)
         (dof,) = _to_heads(setup, [(dout, qr)], dtype)
         if qf.shape[1]:
             gq, gk, gv = tiled_backward(dof, qf, kf, vf, out_f, lse_f, tokens, tokens, setup.spec, setup.scale)
         else:
             gq, gk, gv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
-        del dof
+        del dof, qf, kf, vf, out_f, lse_f
         gd = stat_dtype(dtype) if has_copies(split) else dtype  # copies' gradients are summed: accumulate wide
-        dq, dk, dv = _to_sequence(setup, [(gq, qr), (gk, kr), (gv, kr)], [h, h_kv, h_kv], gd)
+        (dq,) = _to_sequence(setup, [(gq, qr)], [h], gd)
+        del gq
+        (dk,) = _to_sequence(setup, [(gk, kr)], [h_kv], gd)
+        del gk
+        (dv,) = _to_sequence(setup, [(gv, kr)], [h_kv], gd)
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None
