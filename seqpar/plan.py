@@ -1,12 +1,15 @@
-"""The cost model behind ``strategy="auto"``: bytes each rank sends, and the memory it adds.
+"""The cost model behind ``strategy="auto"``: bytes each rank sends, the memory it adds, and a two-link time model.
 
-Per rank, forward, with ``e`` bytes per element, ``S_r = S / W`` local tokens::
+Per rank, forward, with ``e`` bytes per element, ``S_r = S / W`` local tokens (the exact per-rank formulas, for
+uneven shards too, are the registry's: :mod:`seqpar.strategies.registry`)::
 
     allreduce   (W-1) * B*H*Sq_r*D*e            gather the queries
               + (W-1)/W * B*H*Sq*(D+1)*4        reduce-scatter the float32 partial outputs
               + 2(W-1)/W * B*H*Sq*4             all-reduce the row maxima
     allgather   (W-1) * 2*B*H_kv*Sk_r*D*e       gather K and V           memory: + 2*B*H_kv*Sk*D*e
     ring        (W-1) * 2*B*H_kv*Sk_r*D*e       pass K and V around      memory: + 4*B*H_kv*Sk_r*D*e
+    ulysses     (W-1)/W * B*S_r*D*(2H + 2H_kv)*e  q, k, v in, out back   memory: + B*S*D*(2H + 2H_kv)/W*e
+                (H_kv >= W; with H_kv < W each rank receives the K/V heads its query heads use)
 
 Backward adds, per rank (``kv32`` = the K/V shard's gradients in float32, ``2*B*H_kv*Sk_r*D*4``)::
 
@@ -14,15 +17,17 @@ Backward adds, per rank (``kv32`` = the K/V shard's gradients in float32, ``2*B*
               + (W-1)/W * B*H*Sq*D*4                        reduce-scatter dq (float32)
     allgather   (W-1) * kv32                                reduce-scatter dK, dV (float32)
     ring        (W-1) * 2*B*H_kv*Sk_r*D*e + W * kv32        K/V around again; dK/dV travel home
+    ulysses     (W-1)/W * B*S_r*D*(2H + 2H_kv)*e            dout in; dq, dk, dv back
 
-:func:`bytes_sent` is this table (``seqpar bench`` and ``seqpar run`` compare it with the counted bytes).
+:func:`bytes_sent` evaluates the registry's formula (``seqpar bench`` and ``seqpar run`` compare it with the
+counted bytes; tests/test_strategies_registry.py asserts equality on uneven shapes).
 
-The rule: the fewest bytes wins (decode-shaped inputs, few queries over many keys, pick
-``allreduce``). Between the two K/V strategies, which move the same bytes, ``ring`` overlaps each
-transfer with a block's compute and holds two shards instead of the whole K/V; measured on CPU at
-W = 2 (``seqpar bench``, S = 8k and 16k) it was as fast as or faster than ``allgather`` in 3 of 4
-configurations and within 3 % in the fourth, so ``auto`` never picks ``allgather``: ask for it by name
-when one collective suits your network better than W - 1 ring steps.
+The rule (:func:`plan`): the least communication left *exposed* (not hidden behind compute) under a model of
+two links, inside a node and across nodes, with documented defaults (the module constants). Bytes alone no
+longer decide: ``ulysses`` sends fewer bytes than ``ring`` whenever ``H_kv`` is large, but its all-to-alls
+cannot overlap the attention, while the ring's steps can; at long sequences the ring's transfers hide entirely.
+Measured on CPU at W = 2 (``seqpar bench``, S = 8k and 16k) ``ring`` was as fast as or faster than
+``allgather`` in 3 of 4 configurations and within 3 % in the fourth.
 """
 
 from __future__ import annotations
