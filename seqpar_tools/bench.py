@@ -257,10 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(rows, args.out, title="seqpar bench", meta=result["meta"], stem="bench")
     for r in rows:
         if "s_fit" in r:
-            print(f"S={r['seq_len']} causal={r['causal']} {r['impl']}: peak +{r['peak_mem_added_bytes'] / 2**20:.0f} MiB"
-                  f"/rank -> longest S in {args.memory_budget_mib:g} MiB/rank: {r['s_fit']:,}")
+            mib = r["peak_mem_added_bytes"] / 2**20
+            print(f"S={r['seq_len']} causal={r['causal']} {r['impl']}: peak +{mib:.0f} MiB/rank -> longest S in "
+                  f"{args.memory_budget_mib:g} MiB/rank: {r['s_fit']:,}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    _print_plans(args)
     return 0
+
+
+def _print_plans(args: argparse.Namespace) -> None:
+    """What ``auto`` would pick for these heads at 128k tokens on 8 GPUs x 1 node and 8 x 4 nodes (seqpar.plan's
+    link model with its default link speeds, bfloat16)."""
+    import seqpar
+
+    for nodes in (1, 4):
+        p = seqpar.plan(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_len=131072,
+                        head_dim=args.head_dim, world_size=8 * nodes, ranks_per_node=8)
+        print(f"\nseqpar.plan: H={args.heads} H_kv={args.kv_heads} D={args.head_dim} S=131072, 8 GPUs x {nodes} "
+              f"node(s), bfloat16\n{p.table()}")
 
 
 if __name__ == "__main__":

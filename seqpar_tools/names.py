@@ -1,7 +1,7 @@
 """Names the library owns (layouts, strategies), read without importing torch, and the dtype names the tools take.
 
-``LAYOUTS`` and ``STRATEGIES`` are ``seqpar.layout.LAYOUTS`` and ``seqpar.strategies.registry.STRATEGIES``: read from those
-modules' source (a literal tuple) so that ``seqpar --help`` does not pay for importing torch; imported for
+``LAYOUTS`` and ``STRATEGIES`` are ``seqpar.layout.LAYOUTS`` and ``seqpar.strategies.registry.STRATEGIES``: read
+from those modules' source (a literal tuple) so that ``seqpar --help`` does not pay for importing torch; imported for
 real if the source is not a literal.
 """
 
