@@ -29,13 +29,9 @@ from seqpar import checks
 from seqpar.comm import get_communicator
 from seqpar.layout import LAYOUTS, check_layout, positions, shard_sizes
 from seqpar.ops.masks import MaskSpec, Tokens
-from seqpar.plan import STRATEGIES, plan
-from seqpar.strategies.allgather import AllGatherAttention
-from seqpar.strategies.allreduce import AllReduceAttention
-from seqpar.strategies.ring import RingAttention
+from seqpar.plan import plan
+from seqpar.strategies.registry import REGISTRY, STRATEGIES
 from seqpar.strategies.setup import Setup
-
-_FUNCTIONS = {"allreduce": AllReduceAttention, "ring": RingAttention, "allgather": AllGatherAttention}
 
 
 def attention(
@@ -62,7 +58,8 @@ def attention(
         is_causal: key j is visible to query i when ``j <= i`` (global positions).
         scale: score scale, default ``D ** -0.5``.
         layout: ``"contiguous"`` or ``"zigzag"`` -- which global positions this rank holds.
-        strategy: ``"auto"`` (see :func:`seqpar.plan`), ``"allreduce"``, ``"ring"``, ``"allgather"``.
+        strategy: ``"auto"`` (see :func:`seqpar.plan`), ``"allreduce"``, ``"ring"``, ``"allgather"``,
+            ``"ulysses"`` (:mod:`seqpar.strategies.registry`).
         key_padding_mask: ``(B, S_r)`` bool, True = attend to this key.
         window_size: int w; with causal key j is visible when ``0 <= i - j <= w``, else ``|i - j| <= w``.
         document_ids: ``(B, S_r)`` int: packed sequences; a query sees only keys of its document.
@@ -157,4 +154,4 @@ def _attention(
             batch=b, heads=h, kv_heads=k_local.shape[1], seq_len=seq_len, head_dim=d, world_size=w,
             dtype=q_local.dtype,
         ).strategy
-    return _FUNCTIONS[strategy].apply(q_local, k_local, v_local, setup)
+    return REGISTRY[strategy].fn.apply(q_local, k_local, v_local, setup)

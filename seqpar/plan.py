@@ -1,12 +1,15 @@
-"""The cost model behind ``strategy="auto"``: bytes each rank sends, and the memory it adds.
+"""The cost model behind ``strategy="auto"``: bytes each rank sends, the memory it adds, and a two-link time model.
 
-Per rank, forward, with ``e`` bytes per element, ``S_r = S / W`` local tokens::
+Per rank, forward, with ``e`` bytes per element, ``S_r = S / W`` local tokens (the exact per-rank formulas, for
+uneven shards too, are the registry's: :mod:`seqpar.strategies.registry`)::
 
     allreduce   (W-1) * B*H*Sq_r*D*e            gather the queries
               + (W-1)/W * B*H*Sq*(D+1)*4        reduce-scatter the float32 partial outputs
               + 2(W-1)/W * B*H*Sq*4             all-reduce the row maxima
     allgather   (W-1) * 2*B*H_kv*Sk_r*D*e       gather K and V           memory: + 2*B*H_kv*Sk*D*e
     ring        (W-1) * 2*B*H_kv*Sk_r*D*e       pass K and V around      memory: + 4*B*H_kv*Sk_r*D*e
+    ulysses     (W-1)/W * B*S_r*D*(2H + 2H_kv)*e  q, k, v in, out back   memory: + B*S*D*(2H + 2H_kv)/W*e
+                (H_kv >= W; with H_kv < W each rank receives the K/V heads its query heads use)
 
 Backward adds, per rank (``kv32`` = the K/V shard's gradients in float32, ``2*B*H_kv*Sk_r*D*4``)::
 
@@ -14,15 +17,17 @@ Backward adds, per rank (``kv32`` = the K/V shard's gradients in float32, ``2*B*
               + (W-1)/W * B*H*Sq*D*4                        reduce-scatter dq (float32)
     allgather   (W-1) * kv32                                reduce-scatter dK, dV (float32)
     ring        (W-1) * 2*B*H_kv*Sk_r*D*e + W * kv32        K/V around again; dK/dV travel home
+    ulysses     (W-1)/W * B*S_r*D*(2H + 2H_kv)*e            dout in; dq, dk, dv back
 
-:func:`bytes_sent` is this table (``seqpar bench`` and ``seqpar run`` compare it with the counted bytes).
+:func:`bytes_sent` evaluates the registry's formula (``seqpar bench`` and ``seqpar run`` compare it with the
+counted bytes; tests/test_strategies_registry.py asserts equality on uneven shapes).
 
-The rule: the fewest bytes wins (decode-shaped inputs, few queries over many keys, pick
-``allreduce``). Between the two K/V strategies, which move the same bytes, ``ring`` overlaps each
-transfer with a block's compute and holds two shards instead of the whole K/V; measured on CPU at
-W = 2 (``seqpar bench``, S = 8k and 16k) it was as fast as or faster than ``allgather`` in 3 of 4
-configurations and within 3 % in the fourth, so ``auto`` never picks ``allgather``: ask for it by name
-when one collective suits your network better than W - 1 ring steps.
+The rule (:func:`plan`): the least communication left *exposed* (not hidden behind compute) under a model of
+two links, inside a node and across nodes, with documented defaults (the module constants). Bytes alone no
+longer decide: ``ulysses`` sends fewer bytes than ``ring`` whenever ``H_kv`` is large, but its all-to-alls
+cannot overlap the attention, while the ring's steps can; at long sequences the ring's transfers hide entirely.
+Measured on CPU at W = 2 (``seqpar bench``, S = 8k and 16k) ``ring`` was as fast as or faster than
+``allgather`` in 3 of 4 configurations and within 3 % in the fourth.
 """
 
 from __future__ import annotations
@@ -31,33 +36,40 @@ from dataclasses import dataclass, field
 
 import torch
 
-STRATEGIES = ("allreduce", "ring", "allgather")
+from seqpar.layout import LAYOUTS, shard_sizes
+from seqpar.strategies.registry import REGISTRY, STRATEGIES, Shape
 
 
 def bytes_sent(
     strategy: str, *, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, world_size: int,
-    element_size: int, q_len: int | None = None,
+    element_size: int, q_len: int | None = None, layout: str = "contiguous", rank: int | None = None,
 ) -> dict[str, int]:
-    """Bytes each rank sends for one forward call (``"fwd"``) and one forward + backward (``"fwd_bwd"``), as
-    each algorithm is written (the module docstring's tables); ``element_size`` is the inputs' bytes per
-    element."""
-    w, e, b, h, d = world_size, element_size, batch, heads, head_dim
-    sq = seq_len if q_len is None else q_len
-    sq_r, sk_r = -(-sq // w), -(-seq_len // w)
-    f = (w - 1) / w
-    q_bytes = b * h * sq_r * d * e
-    kv_local = 2 * b * kv_heads * sk_r * d * e
-    kv32 = 2 * b * kv_heads * sk_r * d * 4
-    if strategy == "allreduce":
-        fwd = (w - 1) * q_bytes + f * b * h * sq * (d + 1) * 4 + 2 * f * b * h * sq * 4
-        bwd = 3 * (w - 1) * q_bytes + (w - 1) * b * h * sq_r * 4 + f * b * h * sq * d * 4
-    elif strategy == "allgather":
-        fwd, bwd = (w - 1) * kv_local, (w - 1) * kv32
-    elif strategy == "ring":
-        fwd, bwd = (w - 1) * kv_local, (w - 1) * kv_local + w * kv32
-    else:
+    """Bytes one rank sends for one forward call (``"fwd"``) and one forward + backward (``"fwd_bwd"``): the
+    strategy's registered formula (:mod:`seqpar.strategies.registry`) for the shard lengths ``layout`` gives.
+    Each call also all-gathers its argument check (:func:`seqpar.checks.agree`, a small int64 row: not counted
+    here). ``rank``: that rank's figure; default the largest over the ranks (they differ only for ``ulysses``
+    with uneven shards or heads)."""
+    if strategy not in REGISTRY:
         raise ValueError(f"strategy={strategy!r}; allowed: {', '.join(map(repr, STRATEGIES))}")
-    return {"fwd": int(fwd), "fwd_bwd": int(fwd + bwd)}
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
+    w = world_size
+    sq = seq_len if q_len is None else q_len
+    x = Shape(batch, heads, kv_heads, head_dim, tuple(shard_sizes(sq, w, layout)),
+              tuple(shard_sizes(seq_len, w, layout)), element_size)
+    fn = REGISTRY[strategy].bytes
+    per_rank = [fn(x, r) for r in (range(w) if rank is None else [rank])]
+    fwd = max(f for f, _ in per_rank)
+    fwd_bwd = max(f + b for f, b in per_rank)
+    return {"fwd": int(fwd), "fwd_bwd": int(fwd_bwd)}
+
+
+#: The link model's defaults (:func:`plan`): an 8-GPU node of the H100 class -- NVLink inside the node, one
+#: 200 Gb/s NIC per GPU across nodes -- and a dense bf16 attention kernel's sustained rate.
+INTRA_NODE_BANDWIDTH = 150e9  # bytes/s one rank sends inside a node (NVLink 4: 450 GB/s peak, ~1/3 in collectives)
+INTER_NODE_BANDWIDTH = 25e9  # bytes/s one rank sends to another node (200 Gb/s InfiniBand / RoCE per GPU)
+LATENCY_S = 10e-6  # per collective or ring step
+FLOPS = 300e12  # attention FLOP/s per rank (flash attention forward, bf16, H100: ~300-400 TFLOP/s)
 
 
 @dataclass
@@ -66,12 +78,16 @@ class Plan:
     reason: str
     bytes_per_rank: dict[str, int] = field(default_factory=dict)
     extra_memory: dict[str, int] = field(default_factory=dict)
+    exposed_s: dict[str, float] = field(default_factory=dict)  # communication not hidden behind compute (fwd)
+    compute_s: float = 0.0  # the forward's attention compute per rank
 
     def table(self) -> str:
-        rows = [f"{'strategy':<10} {'bytes/rank (fwd)':>18} {'extra memory':>14}"]
+        rows = [f"{'strategy':<10} {'bytes/rank (fwd)':>18} {'exposed comm':>13} {'extra memory':>14}"
+                f"   (compute {self.compute_s * 1e3:.3g} ms/rank)"]
         for s in STRATEGIES:
             mark = "  <- " + self.reason if s == self.strategy else ""
-            rows.append(f"{s:<10} {self.bytes_per_rank[s]:>18,} {self.extra_memory[s]:>14,}{mark}")
+            rows.append(f"{s:<10} {self.bytes_per_rank[s]:>18,} {self.exposed_s[s] * 1e3:>10.3g} ms "
+                        f"{self.extra_memory[s]:>14,}{mark}")
         return "\n".join(rows)
 
 
@@ -85,37 +101,75 @@ def plan(
     world_size: int,
     dtype: torch.dtype = torch.bfloat16,
     q_len: int | None = None,
+    ranks_per_node: int | None = None,
+    intra_node_bandwidth: float = INTRA_NODE_BANDWIDTH,
+    inter_node_bandwidth: float = INTER_NODE_BANDWIDTH,
+    latency_s: float = LATENCY_S,
+    flops: float = FLOPS,
 ) -> Plan:
-    """Which strategy ``auto`` picks for these shapes, and why.
+    """Which strategy ``auto`` picks for these shapes, and why: the least communication left exposed.
 
     ``seq_len`` is the global key length; ``q_len`` the global query length (default: the same, as
-    in training; pass e.g. 1 for decode).
+    in training; pass e.g. 1 for decode). ``ranks_per_node`` (default: every rank on one node) sets which
+    transfers cross nodes; the module constants give the defaults of the link model.
+
+    Model, per rank, forward (the backward repeats the pattern): compute ``c = 4*B*H*Sq*Sk*D / W / flops``
+    (the same for every strategy). A strategy whose ranks span nodes moves its bytes at
+    ``inter_node_bandwidth`` (the slowest link bounds a ring step or a collective), else at
+    ``intra_node_bandwidth``; ``ulysses``' all-to-all sends ``(W - n)/(W - 1)`` of its bytes across nodes
+    (``n`` ranks per node) and its time is the larger of the two links' shares. Exposed communication:
+    ``allreduce``, ``allgather``, ``ulysses``: all of it (collectives before/after the compute), plus
+    ``latency_s`` per collective; ``ring``: per step ``max(0, step transfer - c/W)``, W - 1 steps (each step's
+    K/V transfer runs behind the previous block's compute). The least exposed time wins; ties go to the
+    fewest bytes, then to ``ring``, ``ulysses``, ``allgather``, ``allreduce``.
     """
     sizes = {
         "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_len": seq_len, "head_dim": head_dim,
         "world_size": world_size, "q_len": 1 if q_len is None else q_len,
+        "ranks_per_node": 1 if ranks_per_node is None else ranks_per_node,
     }
     for name, n in sizes.items():
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name}={n!r}; allowed: an int >= 1")
+    for name, v in {"intra_node_bandwidth": intra_node_bandwidth, "inter_node_bandwidth": inter_node_bandwidth,
+                    "flops": flops}.items():
+        if not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"{name}={v!r}; allowed: a finite number > 0")
+    if not isinstance(latency_s, (int, float)) or not 0 <= latency_s < float("inf"):
+        raise ValueError(f"latency_s={latency_s!r}; allowed: a finite number >= 0")
     if heads % kv_heads:
         raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
     w, e = world_size, torch.empty((), dtype=dtype).element_size()
+    n = w if ranks_per_node is None else min(ranks_per_node, w)
     sq = seq_len if q_len is None else q_len
-    sq_r, sk_r = -(-sq // w), -(-seq_len // w)
-    kv_local = 2 * batch * kv_heads * sk_r * head_dim * e
+    x = Shape(batch, heads, kv_heads, head_dim, tuple(shard_sizes(sq, w, "contiguous")),
+              tuple(shard_sizes(seq_len, w, "contiguous")), e)
     cost = {s: bytes_sent(s, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim,
                           world_size=w, element_size=e, q_len=q_len)["fwd"] for s in STRATEGIES}
-    memory = {
-        "allreduce": w * batch * heads * sq_r * (head_dim * e + (head_dim + 2) * 4),
-        "allgather": w * kv_local,
-        "ring": 2 * kv_local,
-    }
+    memory = {s: REGISTRY[s].memory(x) for s in STRATEGIES}
+    compute = 4 * batch * heads * sq * seq_len * head_dim / w / flops
     if w == 1:
-        return Plan("allgather", "one rank: nothing to communicate", cost, memory)
-    if cost["allreduce"] < cost["ring"]:
-        return Plan("allreduce", "fewest bytes: queries are smaller than K/V", cost, memory)
-    return Plan("ring", "fewest bytes, transfers overlap compute, two K/V shards in memory", cost, memory)
+        return Plan("allgather", "one rank: nothing to communicate", cost, memory, dict.fromkeys(STRATEGIES, 0.0),
+                    compute)
+    bw = inter_node_bandwidth if n < w else intra_node_bandwidth
+    inter = (w - n) / (w - 1)
+    step = cost["ring"] / (w - 1) / bw + latency_s
+    exposed = {
+        "allreduce": cost["allreduce"] / bw + 3 * latency_s,
+        "ring": (w - 1) * max(0.0, step - compute / w),
+        "allgather": cost["allgather"] / bw + latency_s,
+        "ulysses": max(cost["ulysses"] * (1 - inter) / intra_node_bandwidth,
+                       cost["ulysses"] * inter / inter_node_bandwidth) + 2 * latency_s,
+    }
+    order = ("ring", "ulysses", "allgather", "allreduce")
+    best = min(order, key=lambda s: (round(exposed[s], 12), cost[s], order.index(s)))
+    why = {
+        "ring": "transfers hidden behind compute" if exposed["ring"] == 0 else "least exposed communication",
+        "ulysses": "least exposed communication: fewest bytes (heads moved, not K/V around the ring)",
+        "allgather": "least exposed communication: one collective",
+        "allreduce": "least exposed communication: queries smaller than K/V",
+    }[best]
+    return Plan(best, why, cost, memory, exposed, compute)
 
 
 # --- decode over a sharded KV cache (seqpar.decode) ------------------------------------------------------------

@@ -10,7 +10,9 @@ the zigzag layout (balanced work), non-causal the contiguous one. Reported per c
 median wall time of fwd and fwd+bwd (:func:`seqpar_tools.timing.timed`: the slowest rank's time per
 repeat), the ratio to the baseline measured in the same run (:func:`seqpar_tools.references.sdpa_reference`),
 bytes sent per rank against the strategy's analytic volume (:func:`seqpar.plan.bytes_sent`), and the peak
-resident memory per rank above its level before the measurement (:mod:`seqpar_tools.memory`). Results go to
+resident memory per rank above its level before the measurement (:mod:`seqpar_tools.memory`), and from it the
+longest sequence that fits ``--memory-budget-mib`` per rank (``s_fit``: every buffer of every strategy and of
+the baseline is linear in S, so ``S * budget / peak``, an extrapolation from the measured S). Results go to
 ``<out>/bench.json`` and ``bench.png``.
 """
 
@@ -180,6 +182,9 @@ def run(args: argparse.Namespace) -> dict:
             if key in peers and r["strategy"] != "peer":
                 r[f"{t}_vs_peer"] = r[f"{t}_s"] / peers[key][f"{t}_s"]
     rows = list(base.values()) + rows
+    for r in rows:
+        if r.get("peak_mem_added_bytes"):
+            r["s_fit"] = int(r["seq_len"] * args.memory_budget_mib * 2**20 / r["peak_mem_added_bytes"])
     return {
         "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), **versions(),
                  "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -200,6 +205,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-budget-mib", type=float, default=1024.0,
+                   help="per-rank memory budget for the longest-S-that-fits column (s_fit)")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip ring-attention-pytorch")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a silent rank fails the run")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -218,6 +225,8 @@ def validate(args: argparse.Namespace) -> None:
             problems.append(f"{flag} {val}: must be >= 1")
     if args.heads >= 1 and args.kv_heads >= 1 and args.heads % args.kv_heads:
         problems.append(f"--heads {args.heads}: must be a multiple of --kv-heads {args.kv_heads}")
+    if not (math.isfinite(args.memory_budget_mib) and args.memory_budget_mib > 0):
+        problems.append(f"--memory-budget-mib {args.memory_budget_mib}: must be a finite number > 0")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         problems.append(f"--timeout {args.timeout}: must be a finite number of seconds > 0")
     if not problems and min(args.seq_lens) < args.world_size:
@@ -246,8 +255,26 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = sorted(result["rows"], key=lambda r: (r["seq_len"], r["causal"], r["world_size"] > 1, r["impl"]))
     paths = write_report(rows, args.out, title="seqpar bench", meta=result["meta"], stem="bench")
+    for r in rows:
+        if "s_fit" in r:
+            mib = r["peak_mem_added_bytes"] / 2**20
+            print(f"S={r['seq_len']} causal={r['causal']} {r['impl']}: peak +{mib:.0f} MiB/rank -> longest S in "
+                  f"{args.memory_budget_mib:g} MiB/rank: {r['s_fit']:,}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    _print_plans(args)
     return 0
+
+
+def _print_plans(args: argparse.Namespace) -> None:
+    """What ``auto`` would pick for these heads at 128k tokens on 8 GPUs x 1 node and 8 x 4 nodes (seqpar.plan's
+    link model with its default link speeds, bfloat16)."""
+    import seqpar
+
+    for nodes in (1, 4):
+        p = seqpar.plan(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_len=131072,
+                        head_dim=args.head_dim, world_size=8 * nodes, ranks_per_node=8)
+        print(f"\nseqpar.plan: H={args.heads} H_kv={args.kv_heads} D={args.head_dim} S=131072, 8 GPUs x {nodes} "
+              f"node(s), bfloat16\n{p.table()}")
 
 
 if __name__ == "__main__":

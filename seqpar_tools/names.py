@@ -1,7 +1,7 @@
 """Names the library owns (layouts, strategies), read without importing torch, and the dtype names the tools take.
 
-``LAYOUTS`` and ``STRATEGIES`` are ``seqpar.layout.LAYOUTS`` and ``seqpar.plan.STRATEGIES``: read from those
-modules' source (a literal tuple) so that ``seqpar --help`` does not pay for importing torch; imported for
+``LAYOUTS`` and ``STRATEGIES`` are ``seqpar.layout.LAYOUTS`` and ``seqpar.strategies.registry.STRATEGIES``: read
+from those modules' source (a literal tuple) so that ``seqpar --help`` does not pay for importing torch; imported for
 real if the source is not a literal.
 """
 
@@ -42,6 +42,6 @@ def version() -> str:
 
 
 LAYOUTS: tuple[str, ...] = tuple(library_constant("layout", "LAYOUTS"))
-STRATEGIES: tuple[str, ...] = tuple(library_constant("plan", "STRATEGIES"))
+STRATEGIES: tuple[str, ...] = tuple(library_constant("strategies.registry", "STRATEGIES"))
 #: input dtypes the tools accept (the library takes these four floating types)
 DTYPES = ("float32", "float64", "bfloat16", "float16")

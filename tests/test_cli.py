@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from seqpar_tools import cli
+from seqpar_tools.names import STRATEGIES
 from seqpar_tools.runner import RankError, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_run_tiny_config_writes_a_parseable_report(tmp_path, capsys):
         assert s in stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report) == {"title", "meta", "rows"}
-    assert [row["strategy"] for row in report["rows"]] == ["allreduce", "ring", "allgather"]
+    assert [row["strategy"] for row in report["rows"]] == ["allreduce", "ring", "allgather", "ulysses"]
     for row in report["rows"]:
         for key in ("fwd_s", "fwd_bwd_s", "bytes_per_rank_fwd", "bytes_per_rank_fwd_bwd", "peak_mem_bytes",
                     "err_float64", "err_long", "ok"):
@@ -84,7 +85,7 @@ def test_verify_passes_and_fails_with_exit_codes(tmp_path, capsys):
                      "--documents", "2", "--json", str(js), "--no-progress"])
     assert code == 0, capsys.readouterr().out
     rows = json.loads(js.read_text())["rows"]
-    assert len(rows) == 2 * 3 and all(r["ok"] and r["err"] < 1e-10 for r in rows)
+    assert len(rows) == 2 * len(STRATEGIES) and all(r["ok"] and r["err"] < 1e-10 for r in rows)
     capsys.readouterr()
     # a tolerance nothing can meet: every case must be reported as a mismatch, from rank 0 only
     code = cli.main(["verify", "--seq-lens", "11", "--dtypes", "float32", "--layouts", "zigzag", "--causal", "no",

@@ -28,11 +28,32 @@ def test_decode_picks_allreduce(world_size, kv_heads):
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("kv_heads", [32, 8, 1], ids=["MHA", "GQA", "MQA"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_training_picks_a_kv_strategy(world_size, kv_heads, dtype):
+def test_training_picks_the_least_exposed_communication(world_size, kv_heads, dtype):
+    """One node, 32k tokens: ring's transfers hide behind its compute; ulysses sends fewer bytes when K/V heads
+    are many, but all of them exposed."""
     p = seqpar.plan(batch=1, heads=32, kv_heads=kv_heads, seq_len=32768, head_dim=128, world_size=world_size,
                     dtype=dtype)
-    assert p.strategy in KV_STRATEGIES, p.table()
-    assert p.bytes_per_rank[p.strategy] == min(p.bytes_per_rank.values())
+    assert p.strategy == "ring" and p.exposed_s["ring"] == 0, p.table()
+    assert p.exposed_s[p.strategy] == min(p.exposed_s.values())
+    if kv_heads == 32 and world_size > 2:  # MHA: (W-1)/W * |q, k, v, out| against (W-1) * |k, v|
+        assert p.bytes_per_rank["ulysses"] < p.bytes_per_rank["ring"], p.table()
+
+
+def test_across_nodes_short_sequences_pick_ulysses():
+    """4 nodes x 8 ranks, 32k tokens, MHA: the ring step crosses nodes and outlasts the block's compute;
+    the all-to-all sends a quarter of the bytes, most of them across nodes too."""
+    kw = {"batch": 1, "heads": 32, "kv_heads": 32, "seq_len": 32768, "head_dim": 128, "world_size": 32}
+    p = seqpar.plan(ranks_per_node=8, **kw)
+    assert p.strategy == "ulysses" and p.exposed_s["ring"] > 0, p.table()
+    assert seqpar.plan(**kw).exposed_s["ring"] < p.exposed_s["ring"]  # one node: the faster link
+    assert seqpar.plan(ranks_per_node=8, **{**kw, "seq_len": 1 << 20}).strategy == "ring"  # long: hidden again
+
+
+@pytest.mark.parametrize("name,value", [("intra_node_bandwidth", 0), ("inter_node_bandwidth", float("inf")),
+                                        ("flops", -1.0), ("latency_s", -1e-6), ("ranks_per_node", 0)])
+def test_invalid_link_model_raises_value_error(name, value):
+    with pytest.raises(ValueError, match=name):
+        seqpar.plan(batch=1, heads=8, kv_heads=2, seq_len=128, head_dim=64, world_size=2, **{name: value})
 
 
 def test_kv_bytes_follow_the_docstring_formula():
@@ -80,8 +101,8 @@ def test_invalid_sizes_raise_value_error(name):
 
 # --- "auto" runs what plan names -------------------------------------------------------------------
 
-# (world size, kv heads, dtype): float64 MHA favours allreduce (queries + float32 partials are smaller
-# than K + V), GQA favours ring -- asserted below through seqpar.plan itself.
+# (world size, kv heads, dtype): at these tiny shapes the link model's latency decides: one collective
+# (allgather) at W = 3, the ring's single step at W = 2 -- asserted below through seqpar.plan itself.
 AUTO_CASES = [(3, 4, torch.float64), (3, 1, torch.float64), (2, 2, torch.float64), (3, 2, torch.float32)]
 
 
@@ -123,4 +144,4 @@ def test_auto_matches_explicit_strategies(dist, layout, is_causal):
             for s, e in r["err"].items():
                 assert e <= TOL[dtype], f"{cid} {s}: err {e:.2e}"
         picked.add(res[0]["picked"])
-    assert picked == {"allreduce", "ring"}, f"the cases exercise only {picked}"
+    assert len(picked) >= 2, f"the cases exercise only {picked}"

@@ -11,7 +11,8 @@
 
 Byte accounting (``bytes_sent``): what one rank puts on the wire under the bandwidth-optimal
 algorithm of each collective -- all-reduce ``2(W-1)/W * n``, all-gather ``(W-1) * n_local``,
-reduce-scatter ``(W-1)/W * n_total``, point-to-point the bytes sent.
+reduce-scatter ``(W-1)/W * n_total``, all-to-all the bytes addressed to the other ranks, point-to-point the
+bytes sent.
 
 Timeouts: every collective and point-to-point transfer seqpar issues is bounded by seqpar's own
 timeout, :func:`timeout_s` (default 60 s; ``SEQPAR_TIMEOUT_S`` or :func:`set_timeout`), independent of
@@ -112,6 +113,11 @@ class Communicator:
         """``out`` (t.numel() / W,) <- sum over ranks of this rank's chunk of ``t``."""
         raise NotImplementedError
 
+    def _all_to_all(self, out: torch.Tensor, t: torch.Tensor, send: list[int], recv: list[int]) -> None:
+        """``out`` (sum(recv),) <- from each rank ``i`` its ``recv[i]`` elements, in rank order; ``t`` holds
+        ``send[j]`` elements for each rank ``j``, in rank order. Both flat and contiguous."""
+        raise NotImplementedError
+
     def _p2p(self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]) -> Any:
         """Start sends/receives (peers are ranks of this communicator); return a ``wait()``-able."""
         raise NotImplementedError
@@ -171,6 +177,25 @@ class Communicator:
         self._count((self.world_size - 1) / self.world_size * buf.numel() * buf.element_size())
         self._reduce_scatter(out.view(-1), buf.view(-1))
         return out.narrow(dim, 0, sizes[self.rank])
+
+    def all_to_all_v(self, t: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> torch.Tensor:
+        """All-to-all with per-rank counts: ``t`` (flat) holds ``send_counts[j]`` elements for rank ``j``, in rank
+        order; returns a flat tensor of ``sum(recv_counts)`` elements, ``recv_counts[i]`` from rank ``i`` in rank
+        order (each rank's ``recv_counts[i]`` must equal rank ``i``'s ``send_counts[rank]``). Counts the bytes
+        addressed to the other ranks; bounded by :func:`timeout_s` like every collective."""
+        send, recv = [int(c) for c in send_counts], [int(c) for c in recv_counts]
+        if len(send) != self.world_size or len(recv) != self.world_size or t.dim() != 1 or t.numel() != sum(send):
+            raise ValueError(
+                f"internal: all_to_all_v of a {tuple(t.shape)} tensor with send_counts={send}, recv_counts={recv} "
+                f"over {self.world_size} ranks"
+            )
+        if self.world_size == 1:
+            return t
+        t = t.contiguous()
+        out = t.new_empty(sum(recv))
+        self._count((sum(send) - send[self.rank]) * t.element_size())
+        self._all_to_all(out, t, send, recv)
+        return out
 
     def send_recv(
         self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
@@ -265,6 +290,11 @@ class TorchCommunicator(Communicator):
         self._wait([_REDUCE_SCATTER(out, t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)],
                    "reduce_scatter", t, threaded=True)
 
+    def _all_to_all(self, out, t, send, recv):
+        work = dist.all_to_all_single(out, t, output_split_sizes=recv, input_split_sizes=send, group=self.group,
+                                      async_op=True)
+        self._wait([work], "all_to_all", t, threaded=True)
+
     def _p2p(self, sends, recvs):
         ops = [dist.P2POp(dist.isend, t, self._global[p], self.group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, t, self._global[p], self.group) for t, p in recvs]
@@ -324,6 +354,12 @@ class MPICommunicator(Communicator):
                   "reduce_scatter", t)
         if wide_out is not out:
             out.copy_(wide_out)
+
+    def _all_to_all(self, out, t, send, recv):
+        sd = [0, *torch.tensor(send).cumsum(0).tolist()[:-1]]
+        rd = [0, *torch.tensor(recv).cumsum(0).tolist()[:-1]]
+        req = self.comm.Ialltoallv([self._np(t), (send, sd)], [self._np(out), (recv, rd)])
+        self.wait([req], "all_to_all", t)
 
     def _p2p(self, sends, recvs):
         reqs = [self.comm.Isend(self._np(t), dest=p, tag=7) for t, p in sends]

@@ -88,20 +88,23 @@ def tiled_backward(
     kt: Tokens,
     spec: MaskSpec,
     scale: float,
+    acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient contributions of these keys given the *global* ``out``/``lse`` of the queries.
 
-    Returns float32 (float64) accumulators ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)``.
-    ``dout`` and ``out`` are in q's dtype.
+    Returns float32 (float64) accumulators ``dq (B, H, Sq, D)``, ``dk, dv (B, H_kv, Sk, D)``; with ``acc``
+    (such accumulators, or views of them) the contributions are added into it in place and it is returned:
+    no second set of full-size buffers. ``dout`` and ``out`` are in q's dtype.
     """
     todo = list(blocks(qt, kt, spec))
-    if len(todo) == 1 and _covers(todo[0], q, k):  # one kernel call: its gradients as they are
+    if acc is None and len(todo) == 1 and _covers(todo[0], q, k):  # one kernel call: its gradients as they are
         blk = todo[0]
         return attention_backward(dout, q, k, v, out, lse, scale=scale, mask=blk.mask, is_causal=blk.is_causal)
-    sd = stat_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=sd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=sd, device=k.device)
-    dv = torch.zeros(v.shape, dtype=sd, device=v.device)
+    if acc is None:
+        sd = stat_dtype(q.dtype)
+        acc = (torch.zeros(q.shape, dtype=sd, device=q.device), torch.zeros(k.shape, dtype=sd, device=k.device),
+               torch.zeros(v.shape, dtype=sd, device=v.device))
+    dq, dk, dv = acc
     for blk in todo:
         gq, gk, gv = attention_backward(
             dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], out[:, :, blk.q], lse[:, :, blk.q],
@@ -110,4 +113,5 @@ def tiled_backward(
         dq[:, :, blk.q] += gq
         dk[:, :, blk.k] += gk
         dv[:, :, blk.k] += gv
+        del gq, gk, gv
     return dq, dk, dv

@@ -11,7 +11,8 @@
                   add; start sending them on.  After W steps they are home.
 
 Bytes per rank: ``(W-1) * |k + v|`` forward (padded to the longest shard), plus
-``W * |dk + dv|`` (float32) backward.  Memory: two K/V buffers.
+``W * |dk + dv|`` (float32) backward.  Memory: two K/V buffers; backward also two float32 dK/dV buffers
+and one in flight.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from seqpar.ops.tiled import tiled_backward, tiled_forward
 from seqpar.strategies.setup import Setup
 
 
-def _pad(kv: torch.Tensor, n: int) -> torch.Tensor:
-    """(2, B, H_kv, S_r, D) -> padded to length n along the sequence, contiguous."""
-    if kv.shape[3] == n:
-        return kv.contiguous()
-    return torch.cat([kv, kv.new_zeros(*kv.shape[:3], n - kv.shape[3], kv.shape[4])], dim=3)
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H_kv, S_r, D) -> padded to length n along the sequence, contiguous (``t`` itself when it already is)."""
+    if t.shape[2] == n:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3])], dim=2)
 
 
 class RingAttention(torch.autograd.Function):
@@ -38,6 +39,9 @@ class RingAttention(torch.autograd.Function):
     k, v          (B, H_kv, S_r, D)         this rank's keys / values
     out           (B, H, S_r, D)            this rank's slice of the output
     ============  ========================  ===============================
+
+    Memory: K and V travel as they are (no stacked copy; padded only when shards are uneven); the backward
+    adds each block's dK/dV into one reused float32 scratch and dq in place (no per-step gradient buffers).
     """
 
     @staticmethod
@@ -45,18 +49,19 @@ class RingAttention(torch.autograd.Function):
         w, rank, n = setup.world_size, setup.rank, max(setup.sizes)
         qt = setup.tokens[rank]
         ring = RingComm(setup.comm)
-        buf = _pad(torch.stack([k, v]), n)
+        kb, vb = _pad(k, n), _pad(v, n)
         acc = None
         for step in range(w):
             src = (rank - step) % w
             if step + 1 < w:
-                nxt = ring.send_recv(buf)
+                nk, nv = ring.send_recv(kb), ring.send_recv(vb)
                 ring.commit()
-            kv = buf[:, :, :, : setup.sizes[src]]
-            acc = tiled_forward(q, kv[0], kv[1], qt, setup.tokens[src], setup.spec, setup.scale, acc)
+            m = setup.sizes[src]
+            acc = tiled_forward(q, kb[:, :, :m], vb[:, :, :m], qt, setup.tokens[src], setup.spec, setup.scale, acc)
             if step + 1 < w:
                 ring.wait()
-                buf = nxt
+                kb, vb = nk, nv
+        del kb, vb
         out, lse = acc
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -71,31 +76,33 @@ class RingAttention(torch.autograd.Function):
         qt = setup.tokens[rank]
         sd = stat_dtype(q.dtype)
         kv_ring, d_ring = RingComm(setup.comm), RingComm(setup.comm)
-        buf = _pad(torch.stack([k, v]), n)
+        kb, vb = _pad(k, n), _pad(v, n)
         dq = torch.zeros(q.shape, dtype=sd, device=q.device)
+        scratch = torch.zeros(2, *k.shape[:2], n, k.shape[3], dtype=sd, device=k.device)  # this step's dK/dV
         dkv = d_in = None  # accumulator for the K/V of `src` (2, B, H_kv, n, D) float32, and the next one
         for step in range(w):
             src = (rank - step) % w
             if step + 1 < w:
-                nxt = kv_ring.send_recv(buf)
+                nk, nv = kv_ring.send_recv(kb), kv_ring.send_recv(vb)
                 kv_ring.commit()
             m = setup.sizes[src]
-            kv = buf[:, :, :, :m]
-            gq, gk, gv = tiled_backward(dout, q, kv[0], kv[1], out, lse, qt, setup.tokens[src], setup.spec, setup.scale)
-            dq += gq
+            g = scratch[:, :, :, :m]
+            g.zero_()
+            tiled_backward(dout, q, kb[:, :, :m], vb[:, :, :m], out, lse, qt, setup.tokens[src], setup.spec,
+                           setup.scale, acc=(dq, g[0], g[1]))
             if step == 0:
-                dkv = torch.zeros(2, *k.shape[:2], n, k.shape[3], dtype=sd, device=k.device)
+                dkv, scratch = scratch, torch.zeros_like(scratch)  # our own block's: the first accumulator
             else:
                 d_ring.wait()  # src's accumulator, sent by prev at the end of its previous step
                 dkv = d_in
-            dkv[0, :, :, :m] += gk
-            dkv[1, :, :, :m] += gv
+                dkv[:, :, :, :m] += g
             if step + 1 < w:
                 kv_ring.wait()
-                buf = nxt
+                kb, vb = nk, nv
             if w > 1:
                 d_in = d_ring.send_recv(dkv)
                 d_ring.commit()
+        del kb, vb, scratch
         if w > 1:
             d_ring.wait()  # after W steps the accumulator of our own K/V has come home
             dkv = d_in
