@@ -11,7 +11,7 @@ Four sections (``--sections 1,2,3,4``); each records errors as data and never st
    fp32, GQA, causal, sliding window, documents, key padding with fully masked rows (0, never NaN), and
    ``is_causal`` with Sq != Sk (top-left); next to single-device SDPA's error
    on the same inputs. ``blocks`` shows which backend ran each block.
-2. ``strategies``: ``seqpar.attention`` with strategy allreduce / ring / allgather at W = 2, 3, 4 ranks, all on
+2. ``strategies``: ``seqpar.attention`` with every registered strategy at W = 2, 3, 4 ranks, all on
    this one device, over gloo (CUDA tensors on a GPU: NCCL refuses two ranks per GPU), bf16, forward and
    backward, against single-device SDPA (error ratio vs the float64 formula; target <= 1.5 at W = 4).
 3. ``throughput``: seqpar's local path (``tiled_forward`` / ``tiled_backward`` on one shard, the registry's
@@ -51,6 +51,7 @@ from seqpar.ops import kernels, masks, reference  # noqa: E402
 from seqpar.ops.lse import NEG_INF, merge_into  # noqa: E402
 from seqpar.ops.masks import MaskSpec, Tokens, dense_mask  # noqa: E402
 from seqpar.ops.tiled import block_kernels, tiled_backward, tiled_forward  # noqa: E402
+from seqpar.strategies.registry import STRATEGIES  # noqa: E402
 
 # From /work/shared/anchors/h100-attention-{kernels,fwdbwd}.json (B=1, H=16, D=128, bf16; ms and TFLOP/s).
 ANCHORS_H100 = {
@@ -332,7 +333,7 @@ def _strategy_rank(rank, world, port, dev_name, small, outdir):
             idx = positions(s, w, rank, layout)
             sdpa_err = [max_err(s_out.cpu()[:, :, idx], r_out[:, :, idx])] + [
                 max_err(x.cpu()[:, :, idx], r[:, :, idx]) for x, r in zip(s_grads, r_grads)]
-            for strategy in ("allreduce", "ring", "allgather"):
+            for strategy in STRATEGIES:
                 row = {"W": w, "strategy": strategy, "causal": causal, "rank": rank, "S": s}
                 try:
                     ql, kl, vl = (t[:, :, idx].to(dev).requires_grad_() for t in (q, k, v))

@@ -20,11 +20,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -78,7 +78,7 @@ def register(*, group: Any = None, layout: str = "contiguous", strategy: str = "
         group: the sequence-parallel group (None: the default torch.distributed group; a
             ``ProcessGroup``; an mpi4py ``Comm``).
         layout: ``"contiguous"`` or ``"zigzag"`` -- must be the layout the batch was sharded with.
-        strategy: ``"auto"``, ``"allreduce"``, ``"ring"`` or ``"allgather"`` (see :func:`seqpar.plan`).
+        strategy: ``"auto"`` or a name of ``seqpar.strategies.registry.STRATEGIES`` (see :func:`seqpar.plan`).
 
     The options are process-wide (every model using ``name``). Importing :mod:`seqpar.hf` already
     registers ``"seqpar"`` with the defaults.

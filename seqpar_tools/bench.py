@@ -98,7 +98,8 @@ def _measure(name, xs, go, kw, *, comm, args, s):
     mem.reset()
     t_fb, fb_bytes, _ = timed(fwd_bwd, comm, dev, 1, args.repeats)
     ana = bytes_sent(name, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_len=s,
-                     head_dim=args.head_dim, world_size=comm.world_size, element_size=xs[0].element_size())
+                     head_dim=args.head_dim, world_size=comm.world_size, element_size=xs[0].element_size(),
+                     layout=kw["layout"])
     return {
         "impl": f"seqpar:{name}", "strategy": name, "seq_len": s, "causal": kw["is_causal"], "layout": kw["layout"],
         "world_size": comm.world_size, "fwd_s": t_f, "fwd_bwd_s": t_fb,

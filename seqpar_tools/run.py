@@ -79,7 +79,7 @@ def run_rank(ctx: RankContext, cfg: Config) -> dict[str, Any]:
     e = torch.empty((), dtype=dtype).element_size()
     for row in rows:
         ana = bytes_sent(row["strategy"], batch=a.batch, heads=a.heads, kv_heads=a.kv_heads, seq_len=a.seq_len,
-                         head_dim=a.head_dim, world_size=ctx.world_size, element_size=e)
+                         head_dim=a.head_dim, world_size=ctx.world_size, element_size=e, layout=a.layout)
         row["analytic_bytes_fwd"], row["analytic_bytes_fwd_bwd"] = ana["fwd"], ana["fwd_bwd"]
     meta: dict[str, Any] = {
         "config": cfg.to_dict(), "config_source": cfg.source, "overrides": cfg.overrides,

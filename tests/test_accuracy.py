@@ -16,12 +16,13 @@ import pytest
 import torch
 from test_attention import expected_positions
 
+from seqpar.strategies.registry import STRATEGIES  # every registered strategy
+
 RATIO = 1.5
 SEEDS = (0, 1, 2)
 LENGTHS = (64, 250)
 B, H, H_KV, D = 1, 8, 2, 64
 KERNELS = ("cpu_flash", "blockwise")
-STRATEGIES = ("allreduce", "ring", "allgather")
 
 
 def run_errors(rank, world_size):

@@ -6,7 +6,8 @@ For each case a NaN or an infinity is put into q, k, v or the scores (on the las
 that with W > 1 the healthy ranks must learn of it through the collectives), and the result of every
 path -- ``attention`` with each strategy, ``kv_sharded_attention``, ``softmax`` -- is compared with
 what the float64 formula (``seqpar.ops.reference``: what SDPA computes, see ``_sdpa``) / ``torch.softmax``
-give on the unsharded tensors: the same NaN positions, the same infinities, the finite values within the dtype's tolerance.
+give on the unsharded tensors: the same NaN positions, the same infinities, the finite values within the
+dtype's tolerance.
 (Before, ``z > 0`` guards turned NaN rows into 0, and in ``softmax`` a +inf or NaN on one rank zeroed
 the finite rows on the others.) Rows that see no key stay exactly 0 with LSE -inf (``torch.softmax``
 gives NaN there; seqpar's documented choice).
@@ -81,7 +82,8 @@ def _sdpa(q, k, v, *, is_causal=False, attn_mask=None):
 
 
 ATTN_CASES = ("finite", "nan k", "nan v", "+inf k", "-inf v", "nan q row", "nan q element")
-CAUSAL_CASES = ("finite", "nan k causal", "nan k0 causal", "+inf k causal")  # v non-finite + causal: SDPA's result depends on its tiles
+# v non-finite + causal: SDPA's result depends on its tiles (0 * inf where a tile is masked)
+CAUSAL_CASES = ("finite", "nan k causal", "nan k0 causal", "+inf k causal")
 
 
 def _attention_cases(rank, world_size, dtype_name):
