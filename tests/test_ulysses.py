@@ -47,8 +47,9 @@ def test_head_split_covers_every_head_once(world_size):
 
 
 # (W, heads, kv_heads): uneven K/V split (H_kv >= W, W not dividing it), H < W (idle ranks), MQA with
-# W not dividing H, MHA with W dividing H.
-EXTRA = [(2, 6, 3), (3, 8, 4), (3, 2, 2), (3, 3, 1), (4, 6, 3), (4, 8, 8)]
+# W not dividing H, MHA with W dividing H, and H_kv < W with a rank's query heads cutting a group (8, 2 at
+# W = 3: rank 1 attends heads 3..5 = K/V heads 0, 1, 1; the kernel's own GQA mapping would pair them wrongly).
+EXTRA = [(2, 6, 3), (3, 8, 4), (3, 2, 2), (3, 3, 1), (4, 6, 3), (4, 8, 8), (3, 8, 2)]
 
 
 def run_heads(rank, world_size, heads, kv_heads):

@@ -63,6 +63,17 @@ def head_split(heads: int, kv_heads: int, world_size: int) -> list[tuple[int, in
     return out
 
 
+def _local_kv(qa: int, qb: int, ka: int, kb: int, g: int) -> torch.Tensor | None:
+    """Which of this rank's K/V heads each of its query heads uses, when the kernel's own GQA mapping
+    (local query head i -> K/V head i // ((qb - qa) / (kb - ka))) would be wrong -- the query heads cut a group,
+    e.g. H = 8, H_kv = 2, W = 3: rank 1 attends query heads 3..5 with K/V heads 0 (head 3) and 1 (heads 4, 5).
+    None when the mapping holds (whole groups, or a single K/V head)."""
+    n_q, n_k = qb - qa, kb - ka
+    if n_q == 0 or n_k <= 1 or (qa % g == 0 and qb % g == 0):
+        return None
+    return torch.tensor([(qa + i) // g - ka for i in range(n_q)])
+
+
 def has_copies(split: list[tuple[int, int, int, int]]) -> bool:
     """Whether some K/V head goes to more than one rank."""
     return sum(kb - ka for _, _, ka, kb in split) > max(kb for *_, kb in split)
@@ -172,6 +183,10 @@ class UlyssesAttention(torch.autograd.Function):
         qr, kr = [(a, b) for a, b, _, _ in split], [(a, b) for _, _, a, b in split]
         (qf,), (kf,), (vf,) = (_to_heads(setup, [(t, rng)], q.dtype) for t, rng in ((q, qr), (k, kr), (v, kr)))
         tokens = _full_tokens(setup, q.device)
+        idx = _local_kv(*split[setup.rank], h // h_kv)
+        if idx is not None:  # one K/V head per query head here (only H_kv < W with groups cut; see _local_kv)
+            idx = idx.to(q.device)
+            kf, vf = kf.index_select(1, idx), vf.index_select(1, idx)
         if qf.shape[1]:
             out_f, lse_f = tiled_forward(qf, kf, vf, tokens, tokens, setup.spec, setup.scale)
             out_f = out_f.to(q.dtype)
@@ -180,7 +195,7 @@ class UlyssesAttention(torch.autograd.Function):
             lse_f = torch.zeros(qf.shape[:3], dtype=stat_dtype(q.dtype), device=q.device)
         (out,) = _to_sequence(setup, [(out_f, qr)], [h], q.dtype)
         ctx.save_for_backward(qf, kf, vf, out_f, lse_f)
-        ctx.setup, ctx.split, ctx.tokens, ctx.shape = setup, split, tokens, (h, h_kv)
+        ctx.setup, ctx.split, ctx.tokens, ctx.shape, ctx.idx = setup, split, tokens, (h, h_kv), idx
         return out
 
     @staticmethod
@@ -195,6 +210,9 @@ class UlyssesAttention(torch.autograd.Function):
         else:
             gq, gk, gv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         del dof, qf, kf, vf, out_f, lse_f
+        if ctx.idx is not None:  # sum the per-query-head K/V gradients back onto this rank's K/V heads
+            _, _, ka, kb = split[setup.rank]
+            gk, gv = (gk.new_zeros(gk.shape[0], kb - ka, *gk.shape[2:]).index_add_(1, ctx.idx, t) for t in (gk, gv))
         gd = stat_dtype(dtype) if has_copies(split) else dtype  # copies' gradients are summed: accumulate wide
         (dq,) = _to_sequence(setup, [(gq, qr)], [h], gd)
         del gq
