@@ -602,7 +602,8 @@ def summarize(result: dict) -> dict:
         out["fallback_warnings"] = sorted({w for r in rows for w in r.get("fallback_warnings", [])})
     st = sec.get("strategies")
     if isinstance(st, dict) and "rows" in st:
-        out["strategies_all_ok"] = all(r["ok"] for r in st["rows"]) and len(st["rows"]) == 2 * 3 * len(STRATEGIES) and "error" not in st
+        out["strategies_all_ok"] = (all(r["ok"] for r in st["rows"]) and "error" not in st
+                                    and len(st["rows"]) == 2 * 3 * len(STRATEGIES))  # causal x W x strategy
         w4 = [r for r in st["rows"] if r["W"] == 4 and "ratio_out" in r]
         out["bf16_err_ratio_w4_max"] = max((r["ratio_out"] for r in w4), default=None)
     elif isinstance(st, dict):
