@@ -155,3 +155,37 @@ def test_an_inner_size_that_does_not_divide_the_ranks_is_refused_on_every_rank(d
     msgs = dist(4, run_bad_inner, timeout=60)
     assert all(m is not None for m in msgs), msgs
     assert "LOCAL_WORLD_SIZE='3'" in msgs[0] and "divisor of the world size 4" in msgs[0], msgs[0]
+
+
+def run_cut_groups(rank, world_size):
+    """2 x 3 grid, H = 8, H_kv = 2: inner rank 1 attends query heads 3..5 = K/V heads 0, 1, 1, so its K/V travel
+    the ring expanded to one head per query head (and their gradients are summed back before the all-to-all)."""
+    from seqpar import checks
+    from seqpar.comm import get_communicator
+    from seqpar.plan import bytes_sent
+
+    comm = get_communicator(None)
+    comm.reset_stats()
+    checks.agree(comm, "probe", lambda: None)
+    check_bytes = comm.bytes_sent
+    res = {}
+    with _on_grid("local 3", world_size):
+        for layout, causal, mask_kind in (("zigzag", True, "docs_pad_window"), ("contiguous", False, "none")):
+            comm.reset_stats()
+            res[f"{layout} {causal} {mask_kind}"] = run_case(
+                rank, world_size, seq_len=2 * world_size + 1, dtype=torch.float64, strategy="ulysses_ring",
+                is_causal=causal, layout=layout, kv_heads=2, mask_kind=mask_kind, seed=5, heads=8)
+    got = comm.bytes_sent - check_bytes  # the last case's forward + backward (no mask: nothing else gathered)
+    want = bytes_sent("ulysses_ring", batch=2, heads=8, kv_heads=2, seq_len=2 * world_size + 1, head_dim=8,
+                      world_size=world_size, element_size=8, layout="contiguous", rank=rank, inner=3)
+    return res, (got, want["fwd_bwd"])
+
+
+@pytest.mark.timeout(120)
+def test_query_heads_cutting_a_kv_group_travel_expanded(dist):
+    from seqpar.strategies.ulysses_ring import travelling_kv_heads
+
+    assert [travelling_kv_heads(8, 2, 3, i) for i in range(3)] == [1, 3, 1]  # inner rank 1's heads 3..5: expanded
+    res = dist(6, run_cut_groups, timeout=100)
+    check_results([r for r, _ in res], TOL[torch.float64], require_dead_rows=True)
+    assert all(got == want for _, (got, want) in res), [b for _, b in res]
