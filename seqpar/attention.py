@@ -20,7 +20,6 @@ too, and only partial blocks get a (block-sized) mask.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from seqpar.ops.masks import MaskSpec, Tokens
 from seqpar.plan import plan
 from seqpar.strategies.registry import REGISTRY, STRATEGIES
 from seqpar.strategies.setup import Setup
+from seqpar.strategies.ulysses_ring import inner_size, mesh_setup
 
 
 def attention(
@@ -194,11 +194,10 @@ def _grid_info(group, grid: bool, comm) -> tuple[int, tuple[int, int, int, int]]
     if comm.group is not None and comm.world_size != _default_world_size():
         raise ValueError(f"rank {rank}: strategy='ulysses_ring' with group={group!r}: pass None (the default group "
                          "cut into nodes of LOCAL_WORLD_SIZE ranks), a 2-D DeviceMesh or a pair (inner, outer)")
-    raw = os.environ.get("LOCAL_WORLD_SIZE", str(w))
-    n = int(raw) if raw.isdigit() else 0
-    if not 1 <= n <= w or w % n:
-        raise ValueError(f"rank {rank}: strategy='ulysses_ring' with LOCAL_WORLD_SIZE={raw!r} (the inner size); "
-                         f"allowed: a divisor of the world size {w}")
+    try:
+        n = inner_size(w)
+    except ValueError as e:
+        raise ValueError(f"rank {rank}: {e}") from None
     return n, ((rank // n) * n, rank % n, rank % n, rank // n)
 
 
@@ -211,8 +210,6 @@ def _default_world_size() -> int:
 def _mesh_setup(setup: Setup, group, coords: list[tuple[int, ...]]):
     """The grid of every rank's coordinates (from the argument exchange: the same on every rank, so an inconsistent
     grid raises the same error everywhere) -> this rank's :class:`MeshSetup`."""
-    from seqpar.strategies.ulysses_ring import mesh_setup
-
     w, rank = setup.world_size, setup.rank
     inner_of: dict[int, dict[int, int]] = {}
     outer_of: dict[int, dict[int, int]] = {}
@@ -224,7 +221,7 @@ def _mesh_setup(setup: Setup, group, coords: list[tuple[int, ...]]):
         sorted(g) == list(range(m)) and len({coords[r][1] for r in g.values()}) == 1 for g in outer_of.values())
     if not ok:
         raise ValueError(f"rank {rank}: group= is not a grid: per rank (inner group, inner rank, outer group, outer "
-                         f"rank) = {coords}; each outer group must hold one rank of the same inner rank per inner group")
+                         f"rank) = {coords}; each outer group must hold one rank of one inner rank per inner group")
     ig, _, og, _ = coords[rank]
 
     def row(g: int) -> list[int]:

@@ -143,18 +143,24 @@ def run_bad_inner(rank, world_size):
     import seqpar
 
     q = torch.randn(1, 2, 3, 4)
-    with _on_grid("local 3", world_size):
-        try:
-            seqpar.attention(q, q, q, strategy="ulysses_ring")
-        except ValueError as e:
-            return str(e)
-    return None
+    msgs = []
+    for kind, strategy in (("local 3", "ulysses_ring"), ("mesh 2x2", "ring")):
+        with _on_grid(kind, world_size):
+            try:
+                seqpar.attention(q, q, q, strategy=strategy)
+                msgs.append(None)
+            except ValueError as e:
+                msgs.append(str(e))
+    return msgs
 
 
-def test_an_inner_size_that_does_not_divide_the_ranks_is_refused_on_every_rank(dist):
-    msgs = dist(4, run_bad_inner, timeout=60)
-    assert all(m is not None for m in msgs), msgs
-    assert "LOCAL_WORLD_SIZE='3'" in msgs[0] and "divisor of the world size 4" in msgs[0], msgs[0]
+def test_bad_grids_are_refused_on_every_rank(dist):
+    """An inner size that does not divide the ranks; a grid with another strategy than ulysses_ring / auto."""
+    res = dist(4, run_bad_inner, timeout=60)
+    assert all(m is not None for msgs in res for m in msgs), res
+    lws, strat = res[0]
+    assert "LOCAL_WORLD_SIZE='3'" in lws and "divisor of the world size 4" in lws, lws
+    assert "needs strategy='ulysses_ring'" in strat and "'ring'" in strat, strat
 
 
 def run_cut_groups(rank, world_size):

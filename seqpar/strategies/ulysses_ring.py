@@ -30,6 +30,7 @@ plus the ring's two K/V buffers (backward: and the float32 dK/dV in flight).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,17 @@ def mesh_setup(setup: Setup, inner_comm, outer_comm, inner_members: list[int], r
                   [Tokens(p) for p in where])
     outer = Setup(outer_comm, setup.scale, setup.spec, [len(u) for u in unions], unions)
     return MeshSetup(setup, inner, outer)
+
+
+def inner_size(world_size: int) -> int:
+    """The inner size with ``group=None``: ``LOCAL_WORLD_SIZE`` (the ranks per node, as torchrun sets it), else
+    every rank. ValueError unless it divides ``world_size``. Tools pass it as ``seqpar.plan.bytes_sent(inner=...)``."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
+    n = int(raw) if raw.strip().isdigit() else 0
+    if not 1 <= n <= world_size or world_size % n:
+        raise ValueError(f"strategy='ulysses_ring' with LOCAL_WORLD_SIZE={raw!r} (the inner size); allowed: a divisor "
+                         f"of the world size {world_size}")
+    return n
 
 
 class _Ctx:
