@@ -10,6 +10,8 @@ uneven shards too, are the registry's: :mod:`seqpar.strategies.registry`)::
     ring        (W-1) * 2*B*H_kv*Sk_r*D*e       pass K and V around      memory: + 4*B*H_kv*Sk_r*D*e
     ulysses     (W-1)/W * B*S_r*D*(2H + 2H_kv)*e  q, k, v in, out back   memory: + B*S*D*(2H + 2H_kv)/W*e
                 (H_kv >= W; with H_kv < W each rank receives the K/V heads its query heads use)
+    ulysses_ring  ulysses over the n ranks of a node + (m-1) * 2*B*(H_kv/n)*(n*S_r)*D*e around the m nodes
+                (shown by plan(); never auto's pick: it needs group= a grid, which then selects it)
 
 Backward adds, per rank (``kv32`` = the K/V shard's gradients in float32, ``2*B*H_kv*Sk_r*D*4``)::
 

@@ -151,14 +151,19 @@ def run_bad_inner(rank, world_size):
                 msgs.append(None)
             except ValueError as e:
                 msgs.append(str(e))
-    return msgs
+    with _on_grid("mesh 2x2", world_size):
+        a, b = (seqpar.attention(q, q, q, strategy=s) for s in ("auto", "ulysses_ring"))
+        same = torch.equal(a, b)
+    return msgs, same
 
 
 def test_bad_grids_are_refused_on_every_rank(dist):
-    """An inner size that does not divide the ranks; a grid with another strategy than ulysses_ring / auto."""
+    """An inner size that does not divide the ranks; a grid with another strategy than ulysses_ring / auto (auto with
+    a grid is ulysses_ring)."""
     res = dist(4, run_bad_inner, timeout=60)
-    assert all(m is not None for msgs in res for m in msgs), res
-    lws, strat = res[0]
+    assert all(m is not None for msgs, _ in res for m in msgs), res
+    assert all(same for _, same in res)
+    lws, strat = res[0][0]
     assert "LOCAL_WORLD_SIZE='3'" in lws and "divisor of the world size 4" in lws, lws
     assert "needs strategy='ulysses_ring'" in strat and "'ring'" in strat, strat
 
