@@ -27,7 +27,14 @@ import torch
 
 from seqpar import checks
 from seqpar.comm import get_communicator
-from seqpar.comm.communicator import TorchCommunicator, grid_communicator, grid_coordinates, grid_groups, is_grid
+from seqpar.comm.communicator import (
+    LocalCommunicator,
+    TorchCommunicator,
+    grid_communicator,
+    grid_coordinates,
+    grid_groups,
+    is_grid,
+)
 from seqpar.layout import LAYOUTS, check_layout, positions, shard_sizes
 from seqpar.ops.masks import MaskSpec, Tokens
 from seqpar.plan import plan
@@ -191,13 +198,14 @@ def _grid_info(group, grid: bool, comm) -> tuple[int, tuple[int, int, int, int]]
             raise ValueError(f"rank {rank}: group= a grid of {m} x {n} ranks; the default group has {w}: "
                              "the grid must cover every rank")
         return n, grid_coordinates(inner, outer)
-    if comm.group is not None and comm.world_size != _default_world_size():
-        raise ValueError(f"rank {rank}: strategy='ulysses_ring' with group={group!r}: pass None (the default group "
-                         "cut into nodes of LOCAL_WORLD_SIZE ranks), a 2-D DeviceMesh or a pair (inner, outer)")
     try:
         n = inner_size(w)
     except ValueError as e:
         raise ValueError(f"rank {rank}: {e}") from None
+    if 1 < n < w and comm.group is not None and comm.world_size != _default_world_size():
+        raise ValueError(f"rank {rank}: strategy='ulysses_ring' with group={group!r} (a subgroup) and inner size "
+                         f"{n} of {w}: pass None (the default group cut into nodes of LOCAL_WORLD_SIZE ranks), a 2-D "
+                         "DeviceMesh or a pair (inner, outer)")
     return n, ((rank // n) * n, rank % n, rank % n, rank // n)
 
 
@@ -228,6 +236,9 @@ def _mesh_setup(setup: Setup, group, coords: list[tuple[int, ...]]):
         return [inner_of[g][i] for i in range(n)]
 
     rows = [row(coords[outer_of[og][o]][0]) for o in range(m)]
-    inner_pg, outer_pg = grid_groups(group, n)
-    return mesh_setup(setup, grid_communicator(inner_pg, setup.comm), grid_communicator(outer_pg, setup.comm),
-                      row(ig), rows)
+    if group is None and n in (1, w):  # one level: the whole group and a group of one (no new groups)
+        inner_c, outer_c = (setup.comm, LocalCommunicator()) if n == w else (LocalCommunicator(), setup.comm)
+    else:
+        inner_pg, outer_pg = grid_groups(group, n)
+        inner_c, outer_c = grid_communicator(inner_pg, setup.comm), grid_communicator(outer_pg, setup.comm)
+    return mesh_setup(setup, inner_c, outer_c, row(ig), rows)
