@@ -27,11 +27,20 @@ import torch
 
 from seqpar import checks
 from seqpar.comm import get_communicator
+from seqpar.comm.communicator import (
+    LocalCommunicator,
+    TorchCommunicator,
+    grid_communicator,
+    grid_coordinates,
+    grid_groups,
+    is_grid,
+)
 from seqpar.layout import LAYOUTS, check_layout, positions, shard_sizes
 from seqpar.ops.masks import MaskSpec, Tokens
 from seqpar.plan import plan
 from seqpar.strategies.registry import REGISTRY, STRATEGIES
 from seqpar.strategies.setup import Setup
+from seqpar.strategies.ulysses_ring import inner_size, mesh_setup
 
 
 def attention(
@@ -54,12 +63,15 @@ def attention(
         q_local: ``(B, H, S_r, D)``: this rank's queries (``S_r`` as the layout gives it).
         k_local, v_local: ``(B, H_kv, S_r, D)``: this rank's keys and values; ``H % H_kv == 0``
             (GQA/MQA; query head h uses kv head ``h // (H / H_kv)``; never repeated on the wire).
-        group: None (default torch.distributed group), a ``ProcessGroup`` or an mpi4py ``Comm``.
+        group: None (default torch.distributed group), a ``ProcessGroup`` or an mpi4py ``Comm``; for
+            ``strategy="ulysses_ring"`` also a 2-D ``DeviceMesh`` (dims (outer, inner)) or a pair
+            ``(inner_group, outer_group)`` of ProcessGroups covering the default group (then ``"auto"`` means
+            ``"ulysses_ring"``); with None the inner size is ``LOCAL_WORLD_SIZE`` (default: every rank).
         is_causal: key j is visible to query i when ``j <= i`` (global positions).
         scale: score scale, default ``D ** -0.5``.
         layout: ``"contiguous"`` or ``"zigzag"`` -- which global positions this rank holds.
         strategy: ``"auto"`` (see :func:`seqpar.plan`), ``"allreduce"``, ``"ring"``, ``"allgather"``,
-            ``"ulysses"`` (:mod:`seqpar.strategies.registry`).
+            ``"ulysses"``, ``"ulysses_ring"`` (:mod:`seqpar.strategies.registry`).
         key_padding_mask: ``(B, S_r)`` bool, True = attend to this key.
         window_size: int w; with causal key j is visible when ``0 <= i - j <= w``, else ``|i - j| <= w``.
         document_ids: ``(B, S_r)`` int: packed sequences; a query sees only keys of its document.
@@ -87,8 +99,12 @@ def _attention(
     """:func:`attention`, with hooks for integrations (:mod:`seqpar.hf`): ``extra()`` runs among the
     local checks (may raise; returns more info fields for the exchange), ``after(table)`` runs on every
     rank after the exchange (may raise: the same on every rank, it sees every rank's fields)."""
-    comm = get_communicator(group)
+    grid = is_grid(group)
+    if grid and strategy == "auto":
+        strategy = "ulysses_ring"
+    comm = get_communicator(None if grid else group)
     rank = comm.rank
+    two_level = strategy == "ulysses_ring"
 
     def validate():
         checks.check_qkv(q_local, k_local, v_local, rank)
@@ -113,6 +129,14 @@ def _attention(
                 raise ValueError(f"rank {rank}: {name}.dtype={t.dtype}; expected {want}")
         sc = d**-0.5 if scale is None else float(scale)
         info = {"S_local": s_r, **(extra() if extra is not None else {})}
+        two = {"ulysses_ring inner size": 0}  # both fields always there: every rank's row has the same slots
+        info["grid (inner id, inner rank, outer id, outer rank)"] = (-1, -1, -1, -1)
+        if grid and not two_level:
+            raise ValueError(f"rank {rank}: group= a DeviceMesh or a pair of groups needs strategy='ulysses_ring' "
+                             f"or 'auto', got strategy={strategy!r}")
+        if two_level:
+            two["ulysses_ring inner size"], info["grid (inner id, inner rank, outer id, outer rank)"] = _grid_info(
+                group, grid, comm)
         return {
             "q_local.shape (B, H, D)": (b, h, d),
             "k_local.shape (B, H_kv, D)": (k_local.shape[0], k_local.shape[1], k_local.shape[3]),
@@ -125,6 +149,7 @@ def _attention(
             "strategy": -1 if strategy == "auto" else STRATEGIES.index(strategy),
             "key_padding_mask given": int(key_padding_mask is not None),
             "document_ids given": int(document_ids is not None),
+            **two,
         }, info
 
     table = checks.agree(comm, op, validate)
@@ -149,9 +174,71 @@ def _attention(
     dev = q_local.device
     tokens = [Tokens(positions(seq_len, w, r, layout).to(dev), docs[r], keeps[r]) for r in range(w)]
     setup = Setup(comm, scale, MaskSpec(bool(is_causal), window_size), sizes, tokens)
+    if two_level:
+        setup = _mesh_setup(setup, group if grid else None, table["grid (inner id, inner rank, outer id, outer rank)"])
     if strategy == "auto":
         strategy = plan(
             batch=b, heads=h, kv_heads=k_local.shape[1], seq_len=seq_len, head_dim=d, world_size=w,
             dtype=q_local.dtype,
         ).strategy
     return REGISTRY[strategy].fn.apply(q_local, k_local, v_local, setup)
+
+
+def _grid_info(group, grid: bool, comm) -> tuple[int, tuple[int, int, int, int]]:
+    """This rank's inner size and grid coordinates for ``strategy="ulysses_ring"`` (local checks only)."""
+    rank, w = comm.rank, comm.world_size
+    if not isinstance(comm, TorchCommunicator):
+        raise ValueError(f"rank {rank}: strategy='ulysses_ring' needs torch.distributed (group={group!r})")
+    if grid:
+        inner, outer = grid_groups(group, None)
+        import torch.distributed as dist
+
+        n, m = dist.get_world_size(inner), dist.get_world_size(outer)
+        if n * m != w:
+            raise ValueError(f"rank {rank}: group= a grid of {m} x {n} ranks; the default group has {w}: "
+                             "the grid must cover every rank")
+        return n, grid_coordinates(inner, outer)
+    try:
+        n = inner_size(w)
+    except ValueError as e:
+        raise ValueError(f"rank {rank}: {e}") from None
+    if 1 < n < w and comm.group is not None and comm.world_size != _default_world_size():
+        raise ValueError(f"rank {rank}: strategy='ulysses_ring' with group={group!r} (a subgroup) and inner size "
+                         f"{n} of {w}: pass None (the default group cut into nodes of LOCAL_WORLD_SIZE ranks), a 2-D "
+                         "DeviceMesh or a pair (inner, outer)")
+    return n, ((rank // n) * n, rank % n, rank % n, rank // n)
+
+
+def _default_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def _mesh_setup(setup: Setup, group, coords: list[tuple[int, ...]]):
+    """The grid of every rank's coordinates (from the argument exchange: the same on every rank, so an inconsistent
+    grid raises the same error everywhere) -> this rank's :class:`MeshSetup`."""
+    w, rank = setup.world_size, setup.rank
+    inner_of: dict[int, dict[int, int]] = {}
+    outer_of: dict[int, dict[int, int]] = {}
+    for r, (ig, i, og, o) in enumerate(coords):
+        inner_of.setdefault(ig, {})[i] = r
+        outer_of.setdefault(og, {})[o] = r
+    n, m = len(next(iter(inner_of.values()))), len(next(iter(outer_of.values())))
+    ok = n * m == w and all(sorted(g) == list(range(n)) for g in inner_of.values()) and all(
+        sorted(g) == list(range(m)) and len({coords[r][1] for r in g.values()}) == 1 for g in outer_of.values())
+    if not ok:
+        raise ValueError(f"rank {rank}: group= is not a grid: per rank (inner group, inner rank, outer group, outer "
+                         f"rank) = {coords}; each outer group must hold one rank of one inner rank per inner group")
+    ig, _, og, _ = coords[rank]
+
+    def row(g: int) -> list[int]:
+        return [inner_of[g][i] for i in range(n)]
+
+    rows = [row(coords[outer_of[og][o]][0]) for o in range(m)]
+    if group is None and n in (1, w):  # one level: the whole group and a group of one (no new groups)
+        inner_c, outer_c = (setup.comm, LocalCommunicator()) if n == w else (LocalCommunicator(), setup.comm)
+    else:
+        inner_pg, outer_pg = grid_groups(group, n)
+        inner_c, outer_c = grid_communicator(inner_pg, setup.comm), grid_communicator(outer_pg, setup.comm)
+    return mesh_setup(setup, inner_c, outer_c, row(ig), rows)

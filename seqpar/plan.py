@@ -10,6 +10,8 @@ uneven shards too, are the registry's: :mod:`seqpar.strategies.registry`)::
     ring        (W-1) * 2*B*H_kv*Sk_r*D*e       pass K and V around      memory: + 4*B*H_kv*Sk_r*D*e
     ulysses     (W-1)/W * B*S_r*D*(2H + 2H_kv)*e  q, k, v in, out back   memory: + B*S*D*(2H + 2H_kv)/W*e
                 (H_kv >= W; with H_kv < W each rank receives the K/V heads its query heads use)
+    ulysses_ring  ulysses over the n ranks of a node + (m-1) * 2*B*(H_kv/n)*(n*S_r)*D*e around the m nodes
+                (shown by plan(); never auto's pick: it needs group= a grid, which then selects it)
 
 Backward adds, per rank (``kv32`` = the K/V shard's gradients in float32, ``2*B*H_kv*Sk_r*D*4``)::
 
@@ -32,31 +34,36 @@ Measured on CPU at W = 2 (``seqpar bench``, S = 8k and 16k) ``ring`` was as fast
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from seqpar.layout import LAYOUTS, shard_sizes
-from seqpar.strategies.registry import REGISTRY, STRATEGIES, Shape
+from seqpar.strategies.registry import REGISTRY, STRATEGIES, Shape, ulysses_ring_parts
 
 
 def bytes_sent(
     strategy: str, *, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, world_size: int,
     element_size: int, q_len: int | None = None, layout: str = "contiguous", rank: int | None = None,
+    inner: int | None = None,
 ) -> dict[str, int]:
     """Bytes one rank sends for one forward call (``"fwd"``) and one forward + backward (``"fwd_bwd"``): the
     strategy's registered formula (:mod:`seqpar.strategies.registry`) for the shard lengths ``layout`` gives.
     Each call also all-gathers its argument check (:func:`seqpar.checks.agree`, a small int64 row: not counted
     here). ``rank``: that rank's figure; default the largest over the ranks (they differ only for ``ulysses``
-    with uneven shards or heads)."""
+    with uneven shards or heads). ``inner``: ``ulysses_ring``'s inner size (default: every rank; must divide
+    ``world_size``)."""
     if strategy not in REGISTRY:
         raise ValueError(f"strategy={strategy!r}; allowed: {', '.join(map(repr, STRATEGIES))}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
     w = world_size
+    if inner is not None and (not isinstance(inner, int) or inner < 1 or w % inner):
+        raise ValueError(f"inner={inner!r}; allowed: None or a divisor of world_size={w}")
     sq = seq_len if q_len is None else q_len
     x = Shape(batch, heads, kv_heads, head_dim, tuple(shard_sizes(sq, w, layout)),
-              tuple(shard_sizes(seq_len, w, layout)), element_size)
+              tuple(shard_sizes(seq_len, w, layout)), element_size, inner)
     fn = REGISTRY[strategy].bytes
     per_rank = [fn(x, r) for r in (range(w) if rank is None else [rank])]
     fwd = max(f for f, _ in per_rank)
@@ -82,11 +89,11 @@ class Plan:
     compute_s: float = 0.0  # the forward's attention compute per rank
 
     def table(self) -> str:
-        rows = [f"{'strategy':<10} {'bytes/rank (fwd)':>18} {'exposed comm':>13} {'extra memory':>14}"
+        rows = [f"{'strategy':<12} {'bytes/rank (fwd)':>18} {'exposed comm':>13} {'extra memory':>14}"
                 f"   (compute {self.compute_s * 1e3:.3g} ms/rank)"]
         for s in STRATEGIES:
             mark = "  <- " + self.reason if s == self.strategy else ""
-            rows.append(f"{s:<10} {self.bytes_per_rank[s]:>18,} {self.exposed_s[s] * 1e3:>10.3g} ms "
+            rows.append(f"{s:<12} {self.bytes_per_rank[s]:>18,} {self.exposed_s[s] * 1e3:>10.3g} ms "
                         f"{self.extra_memory[s]:>14,}{mark}")
         return "\n".join(rows)
 
@@ -142,10 +149,11 @@ def plan(
     w, e = world_size, torch.empty((), dtype=dtype).element_size()
     n = w if ranks_per_node is None else min(ranks_per_node, w)
     sq = seq_len if q_len is None else q_len
+    inner = math.gcd(n, w)  # ulysses_ring's inner size: the ranks of a node (a divisor of W)
     x = Shape(batch, heads, kv_heads, head_dim, tuple(shard_sizes(sq, w, "contiguous")),
-              tuple(shard_sizes(seq_len, w, "contiguous")), e)
+              tuple(shard_sizes(seq_len, w, "contiguous")), e, inner)
     cost = {s: bytes_sent(s, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim,
-                          world_size=w, element_size=e, q_len=q_len)["fwd"] for s in STRATEGIES}
+                          world_size=w, element_size=e, q_len=q_len, inner=inner)["fwd"] for s in STRATEGIES}
     memory = {s: REGISTRY[s].memory(x) for s in STRATEGIES}
     compute = 4 * batch * heads * sq * seq_len * head_dim / w / flops
     if w == 1:
@@ -160,8 +168,9 @@ def plan(
         "allgather": cost["allgather"] / bw + latency_s,
         "ulysses": max(cost["ulysses"] * (1 - inter) / intra_node_bandwidth,
                        cost["ulysses"] * inter / inter_node_bandwidth) + 2 * latency_s,
+        "ulysses_ring": _two_level_exposed(x, inner, compute, intra_node_bandwidth, inter_node_bandwidth, latency_s),
     }
-    order = ("ring", "ulysses", "allgather", "allreduce")
+    order = ("ring", "ulysses", "allgather", "allreduce")  # ulysses_ring: only with group= a grid (not auto's)
     best = min(order, key=lambda s: (round(exposed[s], 12), cost[s], order.index(s)))
     why = {
         "ring": "transfers hidden behind compute" if exposed["ring"] == 0 else "least exposed communication",
@@ -170,6 +179,18 @@ def plan(
         "allreduce": "least exposed communication: queries smaller than K/V",
     }[best]
     return Plan(best, why, cost, memory, exposed, compute)
+
+
+def _two_level_exposed(x: Shape, inner: int, compute: float, intra: float, inter: float, latency_s: float) -> float:
+    """``ulysses_ring``'s exposed forward communication on the busiest rank: its all-to-alls inside a node (all
+    exposed) plus its ring steps across nodes, each hidden behind one step's compute ``compute / m``."""
+    m = x.w // inner
+    worst = 0.0
+    for r in range(x.w):
+        (a2a, _), (ring, _) = ulysses_ring_parts(x, r)
+        step = ring / (m - 1) / (inter if inner < x.w else intra) + latency_s if m > 1 else 0.0
+        worst = max(worst, a2a / intra + 2 * latency_s + (m - 1) * max(0.0, step - compute / m))
+    return worst
 
 
 # --- decode over a sharded KV cache (seqpar.decode) ------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_table_lists_every_strategy():
     t = p.table()
     lines = t.splitlines()
     for s in STRATEGIES:
-        (row,) = [ln for ln in lines if ln.startswith(s)]
+        (row,) = [ln for ln in lines if ln.split()[0] == s]
         assert f"{p.bytes_per_rank[s]:,}" in row
         assert ("<-" in row) == (s == p.strategy), t
     assert set(p.bytes_per_rank) == set(p.extra_memory) == set(STRATEGIES)

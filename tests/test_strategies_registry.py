@@ -20,7 +20,10 @@ HEADS = {2: [(4, 4), (6, 3), (4, 1)], 3: [(4, 2), (8, 4), (2, 2)], 4: [(4, 2), (
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def run_bytes(rank, world_size):
+def run_bytes(rank, world_size, names=STRATEGIES, inner=None):
+    """``inner``: ulysses_ring's inner size, set as LOCAL_WORLD_SIZE for the call (default: every rank)."""
+    import os
+
     import seqpar
     from seqpar import checks
     from seqpar.comm import get_communicator
@@ -39,18 +42,24 @@ def run_bytes(rank, world_size):
                 idx = seqpar.layout.positions(seq_len, world_size, rank, layout)
                 q, k, v, g = (torch.randn(b, h, seq_len, d, generator=gen).to(dtype)[:, :, idx]
                               for h in (heads, kv_heads, kv_heads, heads))
-                for name in STRATEGIES:
+                for name in names:
                     kw = {"is_causal": True, "layout": layout, "strategy": name}
-                    comm.reset_stats()
-                    with torch.no_grad():
-                        seqpar.attention(q, k, v, **kw)
-                    fwd = comm.bytes_sent - check_bytes
-                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                    comm.reset_stats()
-                    seqpar.attention(*leaves, **kw).backward(g)
-                    fwd_bwd = comm.bytes_sent - check_bytes
+                    if inner is not None:
+                        os.environ["LOCAL_WORLD_SIZE"] = str(inner)
+                    try:
+                        comm.reset_stats()
+                        with torch.no_grad():
+                            seqpar.attention(q, k, v, **kw)
+                        fwd = comm.bytes_sent - check_bytes
+                        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                        comm.reset_stats()
+                        seqpar.attention(*leaves, **kw).backward(g)
+                        fwd_bwd = comm.bytes_sent - check_bytes
+                    finally:
+                        os.environ.pop("LOCAL_WORLD_SIZE", None)
                     want = bytes_sent(name, batch=b, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=d,
-                                      world_size=world_size, element_size=q.element_size(), layout=layout, rank=rank)
+                                      world_size=world_size, element_size=q.element_size(), layout=layout, rank=rank,
+                                      inner=inner)
                     rows.append((f"W={world_size} {name} H={heads} H_kv={kv_heads} S={seq_len} {layout} {dtype_name}",
                                  {"fwd": fwd, "fwd_bwd": fwd_bwd}, want))
     return rows
@@ -68,6 +77,16 @@ def test_measured_bytes_equal_the_registered_formula(dist, world_size):
     assert n == len(HEADS[world_size]) * 2 * len(DTYPES) * len(STRATEGIES)
     assert all(r[1]["fwd"] > 0 for rows in res for r in rows), "a strategy sent nothing: the count is broken"
     assert not bad, f"{len(bad)} of {n * world_size} (rank, case) pairs differ:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("world_size,inner", [(4, 2), (2, 1)])
+def test_ulysses_ring_on_a_grid_equals_its_formula(dist, world_size, inner):
+    """The two-level strategy on a real grid (the test above runs it with one level: inner size W)."""
+    res = dist(world_size, run_bytes, ("ulysses_ring",), inner)
+    bad = [f"rank {r} {cid}: measured {got}, formula {want}" for r, rows in enumerate(res) for cid, got, want in rows
+           if got != want]
+    assert len(res[0]) == len(HEADS[world_size]) * 2 * len(DTYPES)
+    assert not bad, "\n".join(bad)
 
 
 def test_every_strategy_has_one_record_read_everywhere():

@@ -98,6 +98,8 @@ class Communicator:
     rank: int
     world_size: int
 
+    counts_to: Communicator | None = None  # a grid dimension's communicator also counts into the whole group's
+
     def __init__(self) -> None:
         self.bytes_sent = 0
 
@@ -125,6 +127,8 @@ class Communicator:
     # -- the interface -----------------------------------------------------------------------
     def _count(self, nbytes: float) -> None:
         self.bytes_sent += int(nbytes)
+        if self.counts_to is not None:
+            self.counts_to._count(nbytes)
 
     def reset_stats(self) -> None:
         self.bytes_sent = 0
@@ -471,6 +475,62 @@ def get_communicator(group: Any = None) -> Communicator:
         )
     if group is not None or dist.is_initialized():
         _CACHE[id(group)] = (group, comm)
+    return comm
+
+
+class LocalCommunicator(Communicator):
+    """A group of one rank (a grid dimension of size 1): every collective is the identity, nothing is sent."""
+
+    rank, world_size = 0, 1
+
+
+def is_grid(group: Any) -> bool:
+    """Whether ``group`` describes a 2-D grid: a 2-D ``DeviceMesh`` or a pair ``(inner, outer)`` of ProcessGroups."""
+    if isinstance(group, (tuple, list)):
+        return len(group) == 2 and all(isinstance(g, dist.ProcessGroup) for g in group)
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch without device_mesh
+        return False
+    return isinstance(group, DeviceMesh)
+
+
+def grid_groups(group: Any, inner_size: int | None) -> tuple[Any, Any]:
+    """``(inner, outer)`` ProcessGroups of a grid: a 2-D ``DeviceMesh`` (dims (outer, inner)), a pair
+    ``(inner, outer)``, or (``group`` None) the standard grid of the default group, ``inner_size`` consecutive
+    ranks per inner group (rank = outer * inner_size + inner), built once per default group and cached. Every
+    rank must call this at the same point (``new_group`` is collective over the default group)."""
+    if isinstance(group, (tuple, list)):
+        return group[0], group[1]
+    if group is not None:
+        if group.ndim != 2:
+            raise ValueError(f"group: a DeviceMesh of {group.ndim} dims; allowed: 2 (outer, inner)")
+        return group.get_group(1), group.get_group(0)
+    w, r, n = dist.get_world_size(), dist.get_rank(), inner_size
+    key = (id(dist.group.WORLD), w, n)
+    hit = _GRIDS.get(key)
+    if hit is None or hit[0] is not dist.group.WORLD:
+        inner = [dist.new_group(list(range(o * n, (o + 1) * n))) for o in range(w // n)]
+        outer = [dist.new_group(list(range(i, w, n))) for i in range(n)]
+        hit = _GRIDS[key] = (dist.group.WORLD, inner, outer)
+    return hit[1][r // n], hit[2][r % n]
+
+
+_GRIDS: dict[tuple[int, int, int], tuple[Any, list[Any], list[Any]]] = {}
+
+
+def grid_coordinates(inner: Any, outer: Any) -> tuple[int, int, int, int]:
+    """This rank's ``(inner group id, inner rank, outer group id, outer rank)``; a group's id is its rank 0's
+    global rank."""
+    return (dist.get_global_rank(inner, 0), dist.get_rank(inner), dist.get_global_rank(outer, 0),
+            dist.get_rank(outer))
+
+
+def grid_communicator(group: Any, whole: Communicator) -> Communicator:
+    """The communicator of one grid dimension: its bytes count into ``whole``'s too."""
+    comm = LocalCommunicator() if dist.get_world_size(group) == 1 else get_communicator(group)
+    if comm is not whole:
+        comm.counts_to = whole
     return comm
 
 

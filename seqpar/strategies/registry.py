@@ -21,13 +21,16 @@ from seqpar.strategies.allgather import AllGatherAttention
 from seqpar.strategies.allreduce import AllReduceAttention
 from seqpar.strategies.ring import RingAttention
 from seqpar.strategies.ulysses import UlyssesAttention, has_copies, head_split
+from seqpar.strategies.ulysses_ring import UlyssesRingAttention, travelling_kv_heads
 
-STRATEGIES = ("allreduce", "ring", "allgather", "ulysses")
+STRATEGIES = ("allreduce", "ring", "allgather", "ulysses", "ulysses_ring")
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One call's sizes: ``q_sizes`` / ``kv_sizes`` tokens per rank, ``e`` bytes per input element."""
+    """One call's sizes: ``q_sizes`` / ``kv_sizes`` tokens per rank, ``e`` bytes per input element; ``inner``: the
+    inner size of ``ulysses_ring``'s grid (ranks ``o*inner .. o*inner + inner - 1`` form an inner group; default
+    every rank)."""
 
     batch: int
     heads: int
@@ -36,6 +39,7 @@ class Shape:
     q_sizes: tuple[int, ...]
     kv_sizes: tuple[int, ...]
     e: int
+    inner: int | None = None
 
     @property
     def w(self) -> int:
@@ -90,6 +94,38 @@ def _ulysses_bytes(x: Shape, rank: int) -> tuple[int, int]:
     return fwd, bwd
 
 
+def _grid(x: Shape, rank: int) -> tuple[Shape, int, int, int]:
+    """``ulysses_ring``: the inner group's Shape, this rank's inner rank, the outer size, the longest union."""
+    n = x.w if x.inner is None else x.inner
+    o, i = divmod(rank, n)
+    sub = Shape(x.batch, x.heads, x.kv_heads, x.head_dim, x.q_sizes[o * n : (o + 1) * n],
+                x.kv_sizes[o * n : (o + 1) * n], x.e)
+    longest = max(sum(x.kv_sizes[a : a + n]) for a in range(0, x.w, n))
+    return sub, i, x.w // n, longest
+
+
+def ulysses_ring_parts(x: Shape, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((all-to-all fwd, bwd), (ring fwd, bwd))`` bytes of ``ulysses_ring`` for ``rank``."""
+    sub, i, m, longest = _grid(x, rank)
+    kv = 2 * x.batch * travelling_kv_heads(x.heads, x.kv_heads, sub.w, i) * longest * x.head_dim
+    ring_fwd = (m - 1) * kv * x.e
+    return _ulysses_bytes(sub, i), (ring_fwd, ring_fwd + (m * kv * x.s if m > 1 else 0))
+
+
+def _ulysses_ring_bytes(x: Shape, rank: int) -> tuple[int, int]:
+    (af, ab), (rf, rb) = ulysses_ring_parts(x, rank)
+    return af + rf, ab + rb
+
+
+def _ulysses_ring_memory(x: Shape) -> int:
+    """Ulysses' head-sharded q, k, v, out of the longest union plus the ring's two K/V buffers, on the busiest rank."""
+    n = x.w if x.inner is None else x.inner
+    _, _, _, longest = _grid(x, 0)
+    most = max((qb - qa) * 2 + (kb - ka) * 2 for qa, qb, ka, kb in head_split(x.heads, x.kv_heads, n))
+    g = max(travelling_kv_heads(x.heads, x.kv_heads, n, i) for i in range(n))
+    return (most + 4 * g) * x.batch * longest * x.head_dim * x.e
+
+
 def _kv_local(x: Shape) -> int:
     return 2 * x.batch * x.kv_heads * max(x.kv_sizes) * x.head_dim * x.e
 
@@ -129,6 +165,10 @@ REGISTRY: dict[str, Strategy] = {
         Strategy("ulysses", UlyssesAttention, _ulysses_bytes, _ulysses_memory,
                  "none (heads split unevenly when W does not divide them; H < W leaves ranks idle)",
                  "all-to-all to head shards, attend the whole sequence, all-to-all back"),
+        Strategy("ulysses_ring", UlyssesRingAttention, _ulysses_ring_bytes, _ulysses_ring_memory,
+                 "torch.distributed; the ranks form a grid (group= a 2-D DeviceMesh, a pair (inner, outer), or "
+                 "None: LOCAL_WORLD_SIZE ranks per inner group); heads split over the inner size as in ulysses",
+                 "all-to-all inside the inner group, ring across the outer one"),
     )
 }
 assert tuple(REGISTRY) == STRATEGIES
