@@ -81,6 +81,7 @@ def _measure(name, xs, go, kw, *, comm, args, s):
 
     import seqpar
     from seqpar.plan import bytes_sent
+    from seqpar.strategies.ulysses_ring import inner_size
     from seqpar_tools.memory import PeakMemory
     from seqpar_tools.timing import timed
 
@@ -99,7 +100,7 @@ def _measure(name, xs, go, kw, *, comm, args, s):
     t_fb, fb_bytes, _ = timed(fwd_bwd, comm, dev, 1, args.repeats)
     ana = bytes_sent(name, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_len=s,
                      head_dim=args.head_dim, world_size=comm.world_size, element_size=xs[0].element_size(),
-                     layout=kw["layout"])
+                     layout=kw["layout"], inner=inner_size(comm.world_size) if name == "ulysses_ring" else None)
     return {
         "impl": f"seqpar:{name}", "strategy": name, "seq_len": s, "causal": kw["is_causal"], "layout": kw["layout"],
         "world_size": comm.world_size, "fwd_s": t_f, "fwd_bwd_s": t_fb,

@@ -63,6 +63,7 @@ def run_rank(ctx: RankContext, cfg: Config) -> dict[str, Any]:
     from seqpar.layout import shard_sizes
     from seqpar.ops.kernels import kernel_name
     from seqpar.plan import bytes_sent
+    from seqpar.strategies.ulysses_ring import inner_size
     from seqpar_tools.memory import PeakMemory
 
     comm = get_communicator(ctx.group)
@@ -79,7 +80,8 @@ def run_rank(ctx: RankContext, cfg: Config) -> dict[str, Any]:
     e = torch.empty((), dtype=dtype).element_size()
     for row in rows:
         ana = bytes_sent(row["strategy"], batch=a.batch, heads=a.heads, kv_heads=a.kv_heads, seq_len=a.seq_len,
-                         head_dim=a.head_dim, world_size=ctx.world_size, element_size=e, layout=a.layout)
+                         head_dim=a.head_dim, world_size=ctx.world_size, element_size=e, layout=a.layout,
+                         inner=inner_size(ctx.world_size) if row["strategy"] == "ulysses_ring" else None)
         row["analytic_bytes_fwd"], row["analytic_bytes_fwd_bwd"] = ana["fwd"], ana["fwd_bwd"]
     meta: dict[str, Any] = {
         "config": cfg.to_dict(), "config_source": cfg.source, "overrides": cfg.overrides,
