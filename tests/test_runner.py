@@ -9,50 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import alive, children, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BOUND_S = 30  # ranks must be gone this long after their parent died (the watchdog polls every 0.5 s)
 JOB = ["run", "--seq-len", "8192", "--heads", "2", "--kv-heads", "1", "--head-dim", "32", "--check-seq-len", "61",
        "--warmup", "0", "--repeats", "1", "--no-progress", "--strategies", "allreduce", "ring"]
-
-
-def _children(pid: int) -> list[int]:
-    """Pids of ``pid``'s rank processes (multiprocessing spawn children, not its resource tracker)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"spawn_main" in cmd:
-            out.append(int(d.name))
-    return sorted(out)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")  # a zombie has exited; its new parent just has not reaped it
-
-
-def _wait_for(cond, timeout: float, what: str):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)  # polling an external condition, not synchronising with our own code
-    pytest.fail(f"{what} not within {timeout} s")
 
 
 def _start(args, tmp_path):
@@ -68,14 +33,14 @@ def _start(args, tmp_path):
 def test_killing_seqpar_run_leaves_no_rank(tmp_path, sig):
     proc = _start(JOB, tmp_path)
     try:
-        ranks = _wait_for(lambda: len(_children(proc.pid)) == 2 and _children(proc.pid), 90, "2 rank processes")
+        ranks = wait_for(lambda: len(children(proc.pid)) == 2 and children(proc.pid), 90, "2 rank processes")
         proc.send_signal(sig)
         proc.wait(timeout=30)
-        _wait_for(lambda: not any(_alive(p) for p in ranks), BOUND_S, f"rank processes {ranks} gone after {sig!r}")
+        wait_for(lambda: not any(alive(p) for p in ranks), BOUND_S, f"rank processes {ranks} gone after {sig!r}")
     finally:
         proc.kill()
         proc.communicate(timeout=30)
-        for p in _children(proc.pid):
+        for p in children(proc.pid):
             os.kill(p, signal.SIGKILL)
 
 
@@ -85,7 +50,7 @@ def test_a_rank_killed_mid_run_is_named_and_the_report_keeps_what_was_measured(t
     proc = _start(JOB, tmp_path)
     lines = []
     try:
-        ranks = _wait_for(lambda: len(_children(proc.pid)) == 2 and _children(proc.pid), 90, "2 rank processes")
+        ranks = wait_for(lambda: len(children(proc.pid)) == 2 and children(proc.pid), 90, "2 rank processes")
         for line in proc.stdout:  # until the first strategy has been timed
             lines.append(line)
             if "allreduce: fwd+bwd" in line:

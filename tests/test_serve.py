@@ -20,45 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from procs import alive, children, wait_for
 
 from seqpar.client import CONTENT_TYPE, Client, ServeError, ServeUnavailable, encode
 from seqpar.ops import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 START_S = 90  # the ready line must come within this (two ranks starting on a loaded 2-core machine)
-
-
-def _children(pid: int) -> list[int]:
-    """The service's rank processes (multiprocessing spawn children)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
-            out.append(int(d.name))
-    return sorted(out)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def _wait_for(cond, timeout: float, what: str):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)  # polling an outside condition (a process, a counter), not synchronisation
-    pytest.fail(f"{what} not within {timeout} s")
 
 
 class Service:
@@ -84,7 +52,7 @@ class Service:
                 pytest.fail(f"no ready line within {START_S} s; stderr: {''.join(self.err)[-2000:]}")
             if "ready on " in line:
                 self.address = line.split("ready on ")[1].split()[0]
-        self.ranks = _wait_for(lambda: len(_children(self.proc.pid)) == 2 and _children(self.proc.pid), 30, "2 ranks")
+        self.ranks = wait_for(lambda: len(children(self.proc.pid)) == 2 and children(self.proc.pid), 30, "2 ranks")
 
     def client(self, **kw) -> Client:
         return Client(self.address, **kw)
@@ -99,11 +67,11 @@ class Service:
         except subprocess.TimeoutExpired:
             self.kill()
             pytest.fail(f"the service did not exit within {timeout} s")
-        _wait_for(lambda: not any(_alive(p) for p in self.ranks), 30, "rank processes gone")
+        wait_for(lambda: not any(alive(p) for p in self.ranks), 30, "rank processes gone")
         return rc
 
     def kill(self) -> None:
-        for p in [self.proc.pid, *_children(self.proc.pid)]:
+        for p in [self.proc.pid, *children(self.proc.pid)]:
             try:
                 os.kill(p, signal.SIGKILL)
             except OSError:
@@ -396,7 +364,7 @@ def _pending_attends(s: Service, n: int):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    _wait_for(lambda: c.health()["pending"] == n, 30, f"{n} pending requests")
+    wait_for(lambda: c.health()["pending"] == n, 30, f"{n} pending requests")
     return threads, results
 
 
@@ -493,7 +461,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    _wait_for(lambda: all(len(o) > 5 for o in outcomes), 60, "every client answered a few times")
+    wait_for(lambda: all(len(o) > 5 for o in outcomes), 60, "every client answered a few times")
     rc = s.stop()
     for t in threads:
         t.join(timeout=60)
@@ -588,7 +556,7 @@ def test_under_torchrun_rank_0_serves_and_a_drain_stops_every_rank():
         assert len(workers) == 2 and len(rank0) == 1, workers
         os.kill(rank0[0], signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, "".join(seen)
-        _wait_for(lambda: not any(_alive(p) for p in workers), 30, "workers gone")
+        wait_for(lambda: not any(alive(p) for p in workers), 30, "workers gone")
     finally:
         if proc.poll() is None:
             proc.kill()
