@@ -15,6 +15,21 @@ import torch
 
 from seqpar.strategies.registry import REGISTRY, STRATEGIES
 
+
+def measured_bytes(comm, check_bytes: int, q, k, v, g, kw: dict) -> tuple[int, int]:
+    """Bytes this rank sent in one forward and in one forward + backward of ``seqpar.attention(q, k, v, **kw)``,
+    less ``check_bytes`` (the argument check's all-gather, measured once by the caller)."""
+    import seqpar
+
+    comm.reset_stats()
+    with torch.no_grad():
+        seqpar.attention(q, k, v, **kw)
+    fwd = comm.bytes_sent - check_bytes
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    comm.reset_stats()
+    seqpar.attention(*leaves, **kw).backward(g)
+    return fwd, comm.bytes_sent - check_bytes
+
 # (heads, kv_heads) per world size: H_kv >= W, H_kv < W, W not dividing the heads
 HEADS = {2: [(4, 4), (6, 3), (4, 1)], 3: [(4, 2), (8, 4), (2, 2)], 4: [(4, 2), (6, 6)]}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -47,14 +62,7 @@ def run_bytes(rank, world_size, names=STRATEGIES, inner=None):
                     if inner is not None:
                         os.environ["LOCAL_WORLD_SIZE"] = str(inner)
                     try:
-                        comm.reset_stats()
-                        with torch.no_grad():
-                            seqpar.attention(q, k, v, **kw)
-                        fwd = comm.bytes_sent - check_bytes
-                        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                        comm.reset_stats()
-                        seqpar.attention(*leaves, **kw).backward(g)
-                        fwd_bwd = comm.bytes_sent - check_bytes
+                        fwd, fwd_bwd = measured_bytes(comm, check_bytes, q, k, v, g, kw)
                     finally:
                         os.environ.pop("LOCAL_WORLD_SIZE", None)
                     want = bytes_sent(name, batch=b, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=d,

@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 from test_attention import TOL, check_results, run_case
+from test_strategies_registry import measured_bytes
 
 _GROUPS: dict = {}
 
@@ -114,14 +115,7 @@ def run_bytes(rank, world_size, kind, inner):
                     q, k, v, g = (torch.randn(b, h, seq_len, d, generator=gen).to(dtype)[:, :, idx]
                                   for h in (heads, kv_heads, kv_heads, heads))
                     kw = {"is_causal": True, "layout": layout, "strategy": "ulysses_ring"}
-                    comm.reset_stats()
-                    with torch.no_grad():
-                        seqpar.attention(q, k, v, **kw)
-                    fwd = comm.bytes_sent - check_bytes
-                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                    comm.reset_stats()
-                    seqpar.attention(*leaves, **kw).backward(g)
-                    fwd_bwd = comm.bytes_sent - check_bytes
+                    fwd, fwd_bwd = measured_bytes(comm, check_bytes, q, k, v, g, kw)
                     want = bytes_sent("ulysses_ring", batch=b, heads=heads, kv_heads=kv_heads, seq_len=seq_len,
                                       head_dim=d, world_size=world_size, element_size=q.element_size(), layout=layout,
                                       rank=rank, inner=inner)
