@@ -213,3 +213,13 @@ def call(op, table: dict[tuple[int, int], tuple[str, ...]], values: dict, **kwar
     if names is None:
         raise RuntimeError(f"no schema for torch {torch.__version__} in the wrapper's table")
     return op(*[values[n] for n in names], **kwargs)
+
+
+def row_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B|1, H|1, Sq) bool: rows that see at least one key (None: all rows do)."""
+    if mask is None:
+        return None
+    m = mask if mask.dtype == torch.bool else mask > NEG_INF
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m.any(-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from seqpar.ops.kernels import blockwise
-from seqpar.ops.kernels.common import MASK_KINDS, Kernel
+from seqpar.ops.kernels.common import MASK_KINDS, Kernel, row_valid
 from seqpar.ops.lse import NEG_INF, stat_dtype
 
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -63,10 +63,7 @@ def _lost_nan(lse: torch.Tensor, mask: torch.Tensor | None) -> bool:
     if not bool(zero.any()):
         return False
     if mask is not None:  # fully masked rows also come back with lse 0: they are not suspects
-        m = mask if mask.dtype == torch.bool else mask > NEG_INF
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        zero = zero & m.any(-1)
+        zero = zero & row_valid(mask)
     return bool(zero.any())
 
 

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 import torch
 
 from seqpar.ops.kernels import blockwise, cpu_flash, cuda_cudnn, cuda_efficient, cuda_flash
-from seqpar.ops.kernels.common import Kernel, mask_kind, torch_version
+from seqpar.ops.kernels.common import Kernel, mask_kind, row_valid, torch_version
 from seqpar.ops.lse import NEG_INF, finite_or_zero, stat_dtype
 
 BACKENDS: dict[str, Kernel] = {
@@ -200,16 +200,6 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _row_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B|1, H|1, Sq) bool: rows that see at least one key (None: all rows do)."""
-    if mask is None:
-        return None
-    m = mask if mask.dtype == torch.bool else mask > NEG_INF
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    return m.any(-1)
-
-
 def kernel_name(q: torch.Tensor) -> str:
     """The backend an unmasked block shaped like ``q`` (keys too; any tensor of q's device and dtype) runs on."""
     if q.dim() != 4:
@@ -240,7 +230,7 @@ def attention_forward(
             if i + 1 == len(found):
                 raise
             _drop(kind, q, kern, err, found[i + 1], "forward")
-    valid = _row_valid(mask)
+    valid = row_valid(mask)
     if valid is not None:  # the fused ops report lse 0 (CPU, efficient 2.5+) on fully masked rows
         lse = torch.where(valid, lse, torch.full_like(lse, NEG_INF))
         out = out.masked_fill(~valid.unsqueeze(-1), 0)
