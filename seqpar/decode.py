@@ -18,7 +18,8 @@ step shape, so every rank picks the same. Every rank computes the same merge
 from the same numbers, so the result is bitwise identical on every rank.
 
 Validated once, not per step: the step's arguments travel in a small header *inside* the combining
-collective (status, B, H, T, D, layer, scale, window, padding flag, slot and length hashes). The
+collective (status, B, H, T, D, layer, scale, window, padding flag, slot and length hashes, a fingerprint of
+q, k_new, v_new). The
 payload size is that of the last step shape ``(B, H, T)`` all ranks agreed on; a rank whose step has
 a new shape, or fails a local check, sends a header-only flag in that same collective, then every rank
 either agrees on the new shape (one more collective: the real combine) or raises the same
@@ -45,7 +46,8 @@ from seqpar.cache import KVCache, _hash
 from seqpar.ops.kernels import attention_forward
 from seqpar.ops.lse import NEG_INF, finite_or_zero, global_lse_from_max_sum, merge_many, stat_dtype
 
-_HEADER = ("status", "B", "H", "T", "D", "layer", "scale", "window", "padding", "slots hash", "lengths hash")
+_HEADER = ("status", "B", "H", "T", "D", "layer", "scale", "window", "padding", "slots hash", "lengths hash",
+           "q/k_new/v_new fingerprint")
 _NH = len(_HEADER)
 _OK, _RESHAPE, _ERROR = 0, 1, 2  # header status: max over ranks tells whether anyone failed
 
@@ -122,11 +124,21 @@ def _check(cache: KVCache, layer, slots, q, k_new, v_new, key_padding_mask) -> N
                              f"(B, >= {longest}) over global positions")
 
 
-def _header(status, q, layer, scale, window_size, key_padding_mask, slots, lens) -> torch.Tensor:
+def _inputs_hash(q, k_new, v_new) -> int:
+    """The replicated step inputs must be identical on every rank (a differing q would merge partials of
+    different queries: a silently wrong answer). ``checks.fingerprint`` of each (integer sums of their bits,
+    about one read of these small tensors), folded to < 2**23 so it is exact in the float32 header; 0 with
+    ``SEQPAR_CHECK=0``."""
+    if not checks.enabled():
+        return 0
+    return _hash([x for t in (q, k_new, v_new) for x in checks.fingerprint(t)])
+
+
+def _header(status, q, k_new, v_new, layer, scale, window_size, key_padding_mask, slots, lens) -> torch.Tensor:
     b, h, t, d = q.shape if status == 0 else (0, 0, 0, 0)
     vals = [status, b, h, t, d, layer if isinstance(layer, int) else -1, scale,
             -1 if window_size is None else window_size, int(key_padding_mask is not None),
-            _hash(slots), _hash(lens)]
+            _hash(slots), _hash(lens), _inputs_hash(q, k_new, v_new)]
     return torch.tensor(vals, dtype=torch.float32)
 
 
@@ -193,7 +205,8 @@ def decode_attention(
             _check(cache, layer, slots, q, k_new, v_new, key_padding_mask)
             scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
             lens = [cache.lengths[layer][s] for s in slots]
-            head = _header(_OK, q, layer, scale, window_size, key_padding_mask, slots, lens).to(head.dtype)
+            head = _header(_OK, q, k_new, v_new, layer, scale, window_size, key_padding_mask, slots, lens).to(
+                head.dtype)
             out_r, lse_r, local, mask = _local_step(cache, layer, slots, q, k_new, v_new, scale, window_size,
                                                     key_padding_mask)
             shape = tuple(q.shape[:3])

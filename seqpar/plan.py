@@ -196,7 +196,7 @@ def _two_level_exposed(x: Shape, inner: int, compute: float, intra: float, inter
 # --- decode over a sharded KV cache (seqpar.decode) ------------------------------------------------------------
 
 DECODE_COMBINES = ("allgather", "allreduce")
-DECODE_HEADER = 11  # ints in seqpar.decode's header (the step's arguments, checked inside the collective)
+DECODE_HEADER = 12  # ints in seqpar.decode's header (the step's arguments, checked inside the collective)
 
 
 @dataclass

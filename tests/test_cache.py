@@ -86,6 +86,10 @@ def _errors(rank, world_size, combine):
     t = 1 if rank == 0 else 2  # rank 1's step has another shape
     q, k, v = _step(g, 2, t)
     expect("T differs", lambda: decode_attention(cache, 0, q, k, v, slots=slots))
+    g = torch.Generator().manual_seed(6)  # the ranks drew different amounts above: the same stream again
+    q, k, v = _step(g, 2, 1)
+    q_odd = q + 1 if rank == 1 else q  # the replicated query differs on one rank: a wrong merge, unless refused
+    expect("q differs", lambda: decode_attention(cache, 0, q_odd, k, v, slots=slots))
     q, k, v = _step(g, 1, 1)
     bad = [slots[0]] if rank == 0 else [2]  # slot 2 was never allocated
     expect("unknown slot", lambda: decode_attention(cache, 0, q, k, v, slots=bad))
@@ -103,6 +107,7 @@ def test_errors_on_every_rank_cache_unchanged(dist, one_thread):
         for rank, m in enumerate(per_rank):
             assert "cache full" in (m["full"] or "") or "failed their local" in (m["full"] or ""), (rank, m)
             assert "'T' differs across ranks" in (m["T differs"] or ""), (rank, m)
+            assert "fingerprint' differs across ranks" in (m["q differs"] or ""), (rank, m)
             assert any(x in (m["unknown slot"] or "") for x in (
                 "failed on rank(s) [1]", "failed on a rank", "unknown sequence slot")), (rank, m)
             assert "allocate" in (m["allocate too many"] or ""), (rank, m)

@@ -165,7 +165,7 @@ def test_decode_combine_cost_model():
 
     small = decode_combine(batch=1, heads=32, q_len=1, head_dim=128, world_size=2)
     assert small.combine == "allgather" and small.collectives == {"allgather": 1, "allreduce": 2}
-    assert small.bytes_per_rank["allgather"] == (32 * 129 + 11) * 4  # no context length anywhere
+    assert small.bytes_per_rank["allgather"] == (32 * 129 + 12) * 4  # 12 header fields; no context length anywhere
     big = decode_combine(batch=64, heads=32, q_len=4, head_dim=128, world_size=8)
     assert big.combine == "allreduce", big
     assert decode_combine(batch=1, heads=1, q_len=1, head_dim=1, world_size=1).combine == "allgather"
