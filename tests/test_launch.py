@@ -31,6 +31,18 @@ def test_torchrun_sh_runs_a_tiny_job():
     assert "all 2 cases match (2 ranks, torchrun)" in r.stdout
 
 
+def test_a_script_that_ends_without_destroying_its_group_exits_0(tmp_path):
+    """A user script that calls seqpar.init_distributed() and just ends: torch 2.13 aborted about half such gloo
+    runs at interpreter exit (SIGABRT, "terminate called without an active exception"), failing a finished job;
+    init_distributed now destroys the group at exit. Four runs (each would fail with probability ~1/2 before)."""
+    script = tmp_path / "ends.py"
+    script.write_text("import torch, seqpar\nseqpar.init_distributed()\n"
+                      "print('out', seqpar.kv_sharded_attention(*(torch.ones(1, 2, 3, 8) for _ in range(3))).sum())\n")
+    for i in range(4):
+        r = sh("torchrun.sh", str(script))
+        assert r.returncode == 0 and "terminate called" not in r.stderr, f"run {i}:\n{r.stdout}{r.stderr}"
+
+
 def test_torchrun_sh_with_three_ranks_runs_the_builtin_config(tmp_path):
     """NPROC other than 2 used to fail: the built-in config fixed world_size = 2. The launcher's size wins."""
     r = sh("torchrun.sh", "run", "--seq-len", "40", "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
