@@ -8,21 +8,33 @@
 seqpar's MPI excepthook must abort the job (exit code != 0) at once; without it rank 0 would wait in
 its collective (forever with COMM_WORLD). SEQPAR_TIMEOUT_S is set high by the test, so only the abort
 can end the job quickly.
+
+The launcher does not reliably forward a rank's output when the job is aborted (mpich's hydra dropped all of
+it in about half the runs here), so with SEQPAR_TEST_MARKS=DIR the script also leaves a file per stage
+in DIR (``rank1.raising``, ``rank0.waiting``, ``rank0.returned``) for the test to read.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import seqpar
 
 mode = sys.argv[1]
-if mode == "skip":
-    import os
 
+
+def mark(name: str) -> None:
+    """Leave DIR/name (SEQPAR_TEST_MARKS=DIR): a record that does not depend on the launcher's output."""
+    if os.environ.get("SEQPAR_TEST_MARKS"):
+        Path(os.environ["SEQPAR_TEST_MARKS"], name).write_text(f"{time.time()}\n")
+
+
+if mode == "skip":
     from mpi4py import MPI
 
     from seqpar.comm import PeerTimeout, set_timeout
@@ -50,7 +62,10 @@ else:
     rank = group.Get_rank()
     seqpar.softmax(torch.zeros(2, 3), group=group)  # a first call: every rank is inside seqpar's MPI setup
 if rank == 1:
+    mark("rank1.raising")
     raise RuntimeError("rank 1 fails before a collective")
 t0 = time.monotonic()
+mark("rank0.waiting")
 seqpar.softmax(torch.zeros(2, 3), group=group)
+mark("rank0.returned")
 print(f"rank {rank}: the collective returned after {time.monotonic() - t0:.1f} s (it should have been aborted)")
