@@ -12,19 +12,26 @@ every rank runs the same replicated model) and attends their queries over the wh
                               [exp(lse_r - m) out_r | exp(lse_r - m)] -- 2 collectives, 2(W-1)/W * n bytes
     commit       lengths += T (only once every rank agreed)
 
-with ``n = B * H * T * (D + 1) * 4`` bytes: independent of the context length. The cache's
-``combine="auto"`` picks by :func:`seqpar.plan.decode_combine` (latency vs bandwidth) from the agreed
-step shape, so every rank picks the same. Every rank computes the same merge
-from the same numbers, so the result is bitwise identical on every rank.
+with ``n = B * H * T * (D + 1) * 4`` bytes (B, H, T: the agreed shape, below): independent of the context
+length. The cache's ``combine="auto"`` picks by :func:`seqpar.plan.decode_combine` (latency vs bandwidth)
+from the agreed step shape, so every rank picks the same. Every rank computes the same merge from the same
+numbers, so the result is bitwise identical on every rank.
 
 Validated once, not per step: the step's arguments travel in a small header *inside* the combining
 collective (status, B, H, T, D, layer, scale, window, padding flag, slot and length hashes, a fingerprint of
 q, k_new, v_new). The
-payload size is that of the last step shape ``(B, H, T)`` all ranks agreed on; a rank whose step has
-a new shape, or fails a local check, sends a header-only flag in that same collective, then every rank
-either agrees on the new shape (one more collective: the real combine) or raises the same
-``ValueError``. Ranks therefore always issue the same collectives with the same sizes: no hang, and
-on any error the cache is unchanged (new K/V were written past the committed lengths only).
+payload is sized for the agreed shape ``(B, H, T)`` -- the last one all ranks settled on -- and a step of
+no more rows (``b * h * t <= B * H * T``) fills its start: a batch that shrinks or varies (a service's
+batches do, step to step) costs one collective, no renegotiation. A rank whose step has more rows, or
+fails a local check, sends a header-only flag in that same collective, then every rank either agrees on
+the new shape (one more collective: the real combine) or raises the same ``ValueError``. After a step
+of at most a quarter of the agreed rows every rank shrinks the agreed shape to it (agreed data only, so
+all do), so the padding never costs more than 4x the step's bytes. Ranks therefore always issue the same
+collectives with the same sizes: no hang, and on any error the cache is unchanged (new K/V were written
+past the committed lengths only).
+
+A batch's sequences may sit in any slots: each run of consecutive slots is one local kernel call on a
+view of the cache (no gathered copy of K/V), and the whole batch goes through one combine.
 
 Shapes::
 
@@ -37,6 +44,7 @@ Shapes::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,8 +60,24 @@ _NH = len(_HEADER)
 _OK, _RESHAPE, _ERROR = 0, 1, 2  # header status: max over ranks tells whether anyone failed
 
 
+def _runs(slots: list[int]) -> list[list[int]]:
+    """Batch rows grouped into runs of consecutive slots (in slot order): a run's cache rows are a view."""
+    runs: list[list[int]] = []
+    for i in sorted(range(len(slots)), key=slots.__getitem__):
+        if runs and slots[i] == slots[runs[-1][-1]] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def _local_step(cache: KVCache, layer, slots, q, k_new, v_new, scale, window_size, key_padding_mask):
-    """Store the owned new tokens; attend over this rank's keys. Returns (out_r, lse_r, keys, mask)."""
+    """Store the owned new tokens; attend over this rank's keys. Returns (out_r, lse_r, local) with ``local``
+    one ``(rows, K view, positions, mask)`` per run of consecutive slots (what :func:`_weights` reads).
+
+    The cache is read in place: each run of consecutive slots is one kernel call on a view of the cache
+    (a scattered batch is a few calls, never a gathered copy of its K/V); the batch's partials then go
+    through one combine together."""
     b, h, t, d = q.shape
     sd = stat_dtype(q.dtype)
     lens = [cache.lengths[layer][s] for s in slots]
@@ -67,33 +91,44 @@ def _local_step(cache: KVCache, layer, slots, q, k_new, v_new, scale, window_siz
             cache.k[layer, s, :, idx] = k_new[i, :, mine]
             cache.v[layer, s, :, idx] = v_new[i, :, mine]
         new_counts.append(n0 + mine.numel())
-    n = max(new_counts)
-    contiguous = slots == list(range(slots[0], slots[0] + b))
-    sel = slice(slots[0], slots[0] + b) if contiguous else torch.tensor(slots)
-    kk, vv = cache.k[layer, sel, :, :n], cache.v[layer, sel, :, :n]  # views when the slots are a range
-    pos = cache.pos[sel, :n]  # (B, n) global positions of the local keys
-    if n == 0:
-        return q.new_zeros(q.shape, dtype=sd), torch.full((b, h, t), NEG_INF, dtype=sd), (kk, pos), None
-    qpos = torch.tensor(lens).unsqueeze(-1) + torch.arange(t)  # (B, T)
-    all_valid = all(c == n for c in new_counts) and bool((pos[:, -1] <= qpos[:, 0]).all())
-    mask = None
-    if not all_valid or window_size is not None or key_padding_mask is not None:
-        m = (torch.arange(n).unsqueeze(0) < torch.tensor(new_counts).unsqueeze(-1)).unsqueeze(1)  # (B, 1, n)
-        m = m & (pos.unsqueeze(1) <= qpos.unsqueeze(-1))  # causal (B, T, n)
-        if window_size is not None:
-            m = m & (qpos.unsqueeze(-1) - pos.unsqueeze(1) <= window_size)
-        if key_padding_mask is not None:
-            keep = key_padding_mask.to(torch.bool).gather(1, pos.clamp(0, key_padding_mask.shape[1] - 1))
-            m = m & keep.unsqueeze(1)
-        mask = m.unsqueeze(1)  # (B, 1, T, n)
-    # GQA packing (flash-decoding): the G query heads of a kv head become G*T query rows of that head,
-    # so each K/V row is read once per kv head, not once per query head (decode is memory-bound).
-    hkv = kk.shape[1]
-    g = h // hkv
-    qp = q.reshape(b, hkv, g * t, d)  # row g_i * T + t_i; head h = kv * G + g_i (the GQA mapping)
-    mp = None if mask is None else mask.repeat(1, 1, g, 1)  # (B, 1, G*T, n)
-    out, lse = attention_forward(qp, kk, vv, scale=scale, mask=mp)
-    return out.reshape(b, h, t, d).to(sd), lse.reshape(b, h, t).to(sd), (kk, pos), mask
+    runs = _runs(slots)
+    whole = len(runs) == 1 and runs[0] == list(range(b))  # the batch is one run, in order: no row copies
+    out = q.new_zeros(q.shape, dtype=sd) if whole else torch.zeros(q.shape, dtype=sd)
+    lse = torch.full((b, h, t), NEG_INF, dtype=sd)
+    local = []
+    for run in runs:
+        s0, nb = slots[run[0]], len(run)
+        counts = [new_counts[i] for i in run]
+        n = max(counts)
+        kk, vv = cache.k[layer, s0:s0 + nb, :, :n], cache.v[layer, s0:s0 + nb, :, :n]  # views
+        pos = cache.pos[s0:s0 + nb, :n]  # (nb, n) global positions of the local keys
+        qpos = torch.tensor([lens[i] for i in run]).unsqueeze(-1) + torch.arange(t)  # (nb, T)
+        mask = None
+        if n and (not all(c == n for c in counts) or not bool((pos[:, -1] <= qpos[:, 0]).all())
+                  or window_size is not None or key_padding_mask is not None):
+            m = (torch.arange(n).unsqueeze(0) < torch.tensor(counts).unsqueeze(-1)).unsqueeze(1)  # (nb, 1, n)
+            m = m & (pos.unsqueeze(1) <= qpos.unsqueeze(-1))  # causal (nb, T, n)
+            if window_size is not None:
+                m = m & (qpos.unsqueeze(-1) - pos.unsqueeze(1) <= window_size)
+            if key_padding_mask is not None:
+                kpm = key_padding_mask.to(torch.bool)[run]
+                m = m & kpm.gather(1, pos.clamp(0, kpm.shape[1] - 1)).unsqueeze(1)
+            mask = m.unsqueeze(1)  # (nb, 1, T, n)
+        local.append((run, kk, pos, mask))
+        if n == 0:
+            continue  # this rank holds no key of these sequences: out 0, lse -inf
+        # GQA packing (flash-decoding): the G query heads of a kv head become G*T query rows of that head,
+        # so each K/V row is read once per kv head, not once per query head (decode is memory-bound).
+        hkv = kk.shape[1]
+        g = h // hkv
+        qp = (q if whole else q[run]).reshape(nb, hkv, g * t, d)  # row g_i * T + t_i; head h = kv * G + g_i
+        mp = None if mask is None else mask.repeat(1, 1, g, 1)  # (nb, 1, G*T, n)
+        o, ls = attention_forward(qp, kk, vv, scale=scale, mask=mp)
+        if whole:
+            out, lse = o.reshape(b, h, t, d).to(sd), ls.reshape(b, h, t).to(sd)
+        else:
+            out[run], lse[run] = o.reshape(nb, h, t, d).to(sd), ls.reshape(nb, h, t).to(sd)
+    return out, lse, local
 
 
 def _check(cache: KVCache, layer, slots, q, k_new, v_new, key_padding_mask) -> None:
@@ -197,7 +232,7 @@ def decode_attention(
     Returns ``out`` or a tuple ``(out[, weights][, lse])``; identical on every rank. Not differentiable.
     """
     comm = cache.comm
-    error, shape, out_r, lse_r, local, mask = None, (0, 0, 0), None, None, None, None
+    error, shape, out_r, lse_r, local = None, (0, 0, 0), None, None, None
     head = torch.zeros(_NH, dtype=stat_dtype(cache.dtype))
     with torch.no_grad():
         try:  # every local failure becomes an error flag in the collective: no rank is left waiting
@@ -207,15 +242,15 @@ def decode_attention(
             lens = [cache.lengths[layer][s] for s in slots]
             head = _header(_OK, q, k_new, v_new, layer, scale, window_size, key_padding_mask, slots, lens).to(
                 head.dtype)
-            out_r, lse_r, local, mask = _local_step(cache, layer, slots, q, k_new, v_new, scale, window_size,
-                                                    key_padding_mask)
+            out_r, lse_r, local = _local_step(cache, layer, slots, q, k_new, v_new, scale, window_size,
+                                              key_padding_mask)
             shape = tuple(q.shape[:3])
         except Exception as e:  # noqa: BLE001 - reported to every rank through the header
             error = str(e)
             head.zero_()
         status = _ERROR if error is not None else _OK
         for _attempt in range(2):
-            agreed = shape == cache.step_shape
+            agreed = 0 < math.prod(shape) <= math.prod(cache.step_shape)  # fits the agreed payload
             head[0] = _ERROR if status else (_OK if agreed else _RESHAPE)
             result = _combine(comm, _pick(cache), head, out_r, lse_r, cache.step_shape, cache.head_dim,
                               agreed and status == 0, stat_dtype(cache.dtype))
@@ -234,48 +269,52 @@ def decode_attention(
         else:  # pragma: no cover - the second attempt always runs at the agreed shape
             raise RuntimeError("seqpar decode: internal: step shape not settled")
     out, lse = result
+    if 4 * math.prod(shape) <= math.prod(cache.step_shape):  # far smaller: shrink the payload (agreed data only)
+        cache.step_shape = shape
     for s in slots:
         cache.lengths[layer][s] += q.shape[2]
     res = [out.to(q.dtype)]
     if return_weights:
-        res.append(_weights(q, local, mask, lse, scale))
+        res.append(_weights(q, local, lse, scale))
     if return_lse:
         res.append(lse)
     return res[0] if len(res) == 1 else tuple(res)
 
 
-def _combine(comm, combine, head, out_r, lse_r, shape, d, ok, bd):
-    """One collective at the agreed ``shape`` (B, H, T) and head dim ``d``.
+def _combine(comm, combine, head, out_r, lse_r, cap, d, ok, bd):
+    """One collective with the payload of the agreed shape ``cap`` (B, H, T) and head dim ``d``; this step's
+    ``out_r (b, h, t, d)``, ``lse_r (b, h, t)`` fill its start (``b * h * t <= B * H * T``).
 
     Returns ``(out, lse)``, or the list ``[header table, "rank" | "minmax"]`` when a rank flagged its header.
     """
-    b, h, t = shape
-    n = b * h * t
+    n_cap = math.prod(cap)
     if combine == "allgather":
-        buf = torch.zeros(_NH + n * (d + 1), dtype=bd)
+        buf = torch.zeros(_NH + n_cap * (d + 1), dtype=bd)
         buf[:_NH] = head
         if ok:
+            n = out_r.shape[:3].numel()
             buf[_NH:_NH + n * d] = out_r.reshape(-1)
-            buf[_NH + n * d:] = lse_r.reshape(-1)
-        table = comm.all_gather(buf)  # (W, _NH + n (D + 1))
+            buf[_NH + n_cap * d:_NH + n_cap * d + n] = lse_r.reshape(-1)
+        table = comm.all_gather(buf)  # (W, _NH + n_cap (D + 1))
         heads = table[:, :_NH]
         if not bool((heads[:, 0] == _OK).all()) or _describe(heads, "rank"):
             return [heads, "rank"]
-        sd = out_r.dtype
+        b, h, t = out_r.shape[:3]  # every rank's header says the same shape
+        n, sd = b * h * t, out_r.dtype
         outs = [table[r, _NH:_NH + n * d].view(b, h, t, d).to(sd) for r in range(comm.world_size)]
-        lses = [table[r, _NH + n * d:].view(b, h, t).to(sd) for r in range(comm.world_size)]
+        lses = [table[r, _NH + n_cap * d:_NH + n_cap * d + n].view(b, h, t).to(sd) for r in range(comm.world_size)]
         return merge_many(outs, lses)
-    # allreduce: MAX of [head | -head | lse], then SUM of [w out | w]
-    buf = torch.full((2 * _NH + n,), NEG_INF, dtype=bd)
+    # allreduce: MAX of [head | -head | lse], then SUM of [w out | w] (this step's size: the shape is agreed)
+    buf = torch.full((2 * _NH + n_cap,), NEG_INF, dtype=bd)
     buf[:_NH], buf[_NH:2 * _NH] = head, -head
     if ok:
-        buf[2 * _NH:] = lse_r.reshape(-1)
+        buf[2 * _NH:2 * _NH + lse_r.numel()] = lse_r.reshape(-1)
     comm.all_reduce(buf, "max")
     hmax, hmin = buf[:_NH], -buf[_NH:2 * _NH]
     if hmax[0] != _OK or not bool((hmax == hmin).all()):
         return [torch.stack([hmax, hmin]), "minmax"]
     sd = out_r.dtype
-    m = buf[2 * _NH:].view(b, h, t).to(sd)
+    m = buf[2 * _NH:2 * _NH + lse_r.numel()].view(lse_r.shape).to(sd)
     wgt = torch.exp(lse_r - finite_or_zero(m)).unsqueeze(-1)  # 0 on -inf partials
     acc = torch.cat([out_r * wgt, wgt], dim=-1).contiguous()
     comm.all_reduce(acc, "sum")
@@ -285,12 +324,17 @@ def _combine(comm, combine, head, out_r, lse_r, shape, d, ok, bd):
 
 
 @torch.no_grad()
-def _weights(q, local, mask, lse, scale) -> torch.Tensor:
-    """This rank's weights exp(s - lse) over its local keys (B, H, T, n); 0 where masked."""
-    kk, _ = local
+def _weights(q, local, lse, scale) -> torch.Tensor:
+    """This rank's weights exp(s - lse) over its local keys (B, H, T, n), n = the most keys any row holds here;
+    0 where masked and past a row's keys."""
     sd = stat_dtype(q.dtype)
-    g = q.shape[1] // kk.shape[1]
-    s = q.to(sd) @ kk.to(sd).repeat_interleave(g, dim=1).transpose(-1, -2) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, NEG_INF)
-    return torch.exp(s - finite_or_zero(lse).unsqueeze(-1)).to(q.dtype)
+    b, h, t, _ = q.shape
+    n = max(kk.shape[2] for _, kk, _, _ in local)
+    w = torch.zeros(b, h, t, n, dtype=q.dtype)
+    for run, kk, _, mask in local:
+        g = h // kk.shape[1]
+        s = q[run].to(sd) @ kk.to(sd).repeat_interleave(g, dim=1).transpose(-1, -2) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, NEG_INF)
+        w[run, ..., :kk.shape[2]] = torch.exp(s - finite_or_zero(lse[run]).unsqueeze(-1)).to(q.dtype)
+    return w

@@ -226,6 +226,15 @@ def case_local_error_one_rank() -> None:
            "; ".join(problems))
 
 
+def case_broadcast() -> None:
+    """seqpar's communicator over COMM_WORLD: a broadcast from the last rank (the service's step bus)."""
+    from seqpar.comm import get_communicator
+
+    t = torch.arange(6, dtype=torch.float32) * (RANK + 1)
+    get_communicator(COMM).broadcast(t, W - 1)
+    record("broadcast from the last rank (seqpar.comm)", err(t, torch.arange(6, dtype=torch.float32) * W), 0.0)
+
+
 def main() -> int:
     torch.set_num_threads(1)
     for dt in ("float32", "float64"):
@@ -240,6 +249,7 @@ def main() -> int:
     case_kv_numpy_layouts()
     case_attention_torch_layouts()
     case_local_error_one_rank()
+    case_broadcast()
     failed = 0
     for name, e, tol, problem in results:
         e_all = COMM.allreduce(e, op=MPI.MAX)

@@ -44,9 +44,9 @@ def _decode_case(rank, world_size, placement, block, kv_heads, lens0, steps, win
     max_len = max(lens0) + sum(steps) + 3
     cache = KVCache(num_layers=n_layers, max_batch=B + 1, max_seq_len=max_len, kv_heads=kv_heads, head_dim=D,
                     dtype=dtype, placement=placement, block_size=block, combine=combine)
-    extra = cache.allocate(1)  # a slot that is freed again: slots need not be 0..B-1
-    slots = cache.allocate(B)
-    cache.free(extra)
+    taken = cache.allocate(B + 1)  # slot 1 is freed again: the batch's slots are 0, 2, 3, ... (two runs)
+    cache.free([taken[1]])
+    slots = taken[:1] + taken[2:]
     keep = None
     if pad:
         keep = torch.rand(B, max_len, generator=g) > 0.3
@@ -83,8 +83,8 @@ def _decode_case(rank, world_size, placement, block, kv_heads, lens0, steps, win
     for b, n in enumerate(lens0):  # ragged fill: one sequence at a time, a multi-token step each
         if n:
             step([b], n)
-    for t in steps:
-        step(list(range(B)), t)
+    for i, t in enumerate(steps):  # rows in slot order, then reversed (any order of any slots)
+        step(list(range(B))[::-1 if i % 2 else 1], t)
     counts = [cache.local_count(s, cache.lengths[0][s]) for s in slots]
     return err, counts, [cache.lengths[0][s] for s in slots], outs
 
@@ -158,6 +158,63 @@ def test_one_collective_per_layer_and_bytes(dist, one_thread):
             first, rest = per_step[0], per_step[1:]
             assert first[0] == n_coll + 1, per_step  # the first step agrees on the shape: one header-only round
             assert all(c == n_coll and nb == want for c, nb in rest), (combine, w, per_step, want)
+
+
+def _varying_batches(rank, world_size, combine, sizes):
+    """Steps over batches of ``sizes`` sequences (a service's batches vary step to step), each a different
+    subset of 4 slots in a different order: collectives, bytes and the max error against the reference."""
+    from seqpar.cache import KVCache
+    from seqpar.decode import decode_attention
+    from seqpar.plan import decode_combine
+
+    cache = KVCache(num_layers=1, max_batch=4, max_seq_len=2 * len(sizes) + 8, kv_heads=2, head_dim=D,
+                    dtype=torch.float64, combine=combine)
+    slots = cache.allocate(4)
+    comm = cache.comm
+    calls = []
+    orig = comm._all_gather if combine == "allgather" else comm._all_reduce
+    name = "_all_gather" if combine == "allgather" else "_all_reduce"
+    setattr(comm, name, lambda *a: (calls.append(1), orig(*a))[1])
+    g = torch.Generator().manual_seed(2)
+    full = {s: (torch.zeros(2, 0, D, dtype=torch.float64), torch.zeros(2, 0, D, dtype=torch.float64)) for s in slots}
+    per_step, err = [], 0.0
+    try:
+        for b in sizes:
+            rows = torch.randperm(4, generator=g)[:b].tolist()  # any subset, any order
+            q = torch.randn(b, H, 1, D, generator=g, dtype=torch.float64)
+            k, v = (torch.randn(b, 2, 1, D, generator=g, dtype=torch.float64) for _ in range(2))
+            lens = [cache.lengths[0][slots[r]] for r in rows]
+            n0, b0 = len(calls), comm.bytes_sent
+            out = decode_attention(cache, 0, q, k, v, slots=[slots[r] for r in rows])
+            per_step.append((len(calls) - n0, comm.bytes_sent - b0, cache.step_shape[0]))
+            for j, r in enumerate(rows):
+                full[slots[r]] = tuple(torch.cat([full[slots[r]][x], (k, v)[x][j]], dim=1) for x in (0, 1))
+            ro, _, _ = _ref(q, [full[slots[r]][0] for r in rows], [full[slots[r]][1] for r in rows], lens, 1, None,
+                            None)
+            err = max(err, max((out[j] - ro[j]).abs().max().item() for j in range(b)))
+    finally:
+        delattr(comm, name)
+    want = {c: decode_combine(batch=c, heads=H, q_len=1, head_dim=D, world_size=world_size).bytes_per_rank[combine]
+            for c in (1, 2, 3, 4)}
+    return per_step, want, err
+
+
+def test_varying_batches_reuse_the_agreed_payload(dist, one_thread):
+    """A step of no more rows than the agreed shape is one collective (padded to that shape); only a larger one
+    renegotiates; a step of <= 1/4 of the agreed rows shrinks it. Results exact whatever the subset and order."""
+    sizes = [2, 1, 2, 4, 1, 2, 3, 2]
+    #        the agreed batch after each step: 2, 2, 2, 4, 1 (shrunk), 2, 3, 3
+    for combine, n_coll in (("allgather", 1), ("allreduce", 2)):
+        per_step, want, err = dist(2, _varying_batches, combine, sizes)[0]
+        assert err <= 1e-12, (combine, err)
+        assert [cap for _, _, cap in per_step] == [2, 2, 2, 4, 1, 2, 3, 3], per_step
+        renegotiated = [n == n_coll + 1 for n, _, _ in per_step]
+        assert renegotiated == [True, False, False, True, False, True, True, False], (combine, per_step)
+        if combine == "allgather":  # the bytes of the agreed (padded) payload; float64 here: 2x the model's
+            before, ran = [0, 2, 2, 2, 4, 1, 2, 3], [2, 2, 2, 4, 4, 2, 3, 3]  # agreed batch before / at the combine
+            payload = {0: 12 * 8, **{c: 2 * want[c] for c in want}}  # 0: nothing agreed yet, the header only
+            assert [nb for _, nb, _ in per_step] == [payload[r] + (payload[b] if again else 0)
+                                                      for b, r, again in zip(before, ran, renegotiated)], per_step
 
 
 def test_decode_combine_cost_model():

@@ -18,7 +18,7 @@ import pytest
 
 N_RANKS = 3
 MPI_TIMEOUT_S = 120
-N_CASES = 14  # the cases mpi_cases.py runs; a script that silently skipped some must fail here
+N_CASES = 15  # the cases mpi_cases.py runs; a script that silently skipped some must fail here
 SCRIPT = Path(__file__).with_name("mpi_cases.py")
 
 

@@ -8,11 +8,12 @@ from seqpar.comm.communicator import (
     TorchCommunicator,
     get_communicator,
     install_mpi_abort_hook,
+    job_store,
     set_timeout,
     timeout_s,
 )
 
 __all__ = [
     "Communicator", "MPICommunicator", "PeerTimeout", "RingComm", "TorchCommunicator", "get_communicator",
-    "install_mpi_abort_hook", "set_timeout", "timeout_s",
+    "install_mpi_abort_hook", "job_store", "set_timeout", "timeout_s",
 ]

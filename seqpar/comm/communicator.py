@@ -124,6 +124,10 @@ class Communicator:
         """Start sends/receives (peers are ranks of this communicator); return a ``wait()``-able."""
         raise NotImplementedError
 
+    def _broadcast(self, t: torch.Tensor, src: int, deadline: float, limit: float) -> None:
+        """``t`` (contiguous) <- rank ``src``'s ``t``, waiting until ``deadline`` (``limit`` s, for the error)."""
+        raise NotImplementedError
+
     # -- the interface -----------------------------------------------------------------------
     def _count(self, nbytes: float) -> None:
         self.bytes_sent += int(nbytes)
@@ -214,6 +218,21 @@ class Communicator:
         self._count(sum(t.numel() * t.element_size() for t, _ in sends))
         return self._p2p(sends, recvs)
 
+    def broadcast(self, t: torch.Tensor, src: int = 0, *, timeout: float | None = None) -> torch.Tensor:
+        """In place: ``t`` <- rank ``src``'s ``t`` (the same shape and dtype on every rank); returns ``t``.
+        ``timeout``: seconds to wait for the peers (default :func:`timeout_s`) -- a rank that waits for the
+        next message of a loop (a service's step) passes its own bound. Counts ``(W-1) * n`` bytes on ``src``
+        (a copy to every other rank), nothing elsewhere. ``t`` must be contiguous (it is the receive buffer)."""
+        if self.world_size == 1:
+            return t
+        if not t.is_contiguous():
+            raise ValueError(f"internal: broadcast buffer of shape {tuple(t.shape)} is not contiguous")
+        limit = timeout_s() if timeout is None else float(timeout)
+        if self.rank == src:
+            self._count((self.world_size - 1) * t.numel() * t.element_size())
+        self._broadcast(t, src, time.monotonic() + limit, limit)
+        return t
+
     def _timeout(self, what: str, t: torch.Tensor | None, limit: float) -> PeerTimeout:
         return _timeout_error(self.rank, self.world_size, what, t, limit)
 
@@ -243,7 +262,7 @@ class TorchCommunicator(Communicator):
 
     def _wait(
         self, works: Sequence[Any], what: str, t: torch.Tensor | None, deadline: float | None = None,
-        threaded: bool = False,
+        threaded: bool = False, limit: float | None = None,
     ) -> None:
         """Wait for ``works`` until ``deadline`` (monotonic; default now + timeout_s()).
 
@@ -257,7 +276,7 @@ class TorchCommunicator(Communicator):
             for work in works:
                 work.wait()
             return
-        limit = timeout_s()
+        limit = timeout_s() if limit is None else limit
         deadline = time.monotonic() + limit if deadline is None else deadline
         for work in works:
             if threaded:
@@ -299,6 +318,10 @@ class TorchCommunicator(Communicator):
                                       async_op=True)
         self._wait([work], "all_to_all", t, threaded=True)
 
+    def _broadcast(self, t, src, deadline, limit):
+        work = dist.broadcast(t, self._global[src], group=self.group, async_op=True)
+        self._wait([work], f"broadcast from rank {src}", t, deadline, limit=limit)
+
     def _p2p(self, sends, recvs):
         ops = [dist.P2POp(dist.isend, t, self._global[p], self.group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, t, self._global[p], self.group) for t, p in recvs]
@@ -328,10 +351,11 @@ class MPICommunicator(Communicator):
             return t.view(torch.int16).numpy()  # moved as raw bits
         return t.numpy()
 
-    def wait(self, reqs: list[Any], what: str, t: torch.Tensor | None, deadline: float | None = None) -> None:
+    def wait(self, reqs: list[Any], what: str, t: torch.Tensor | None, deadline: float | None = None,
+             limit: float | None = None) -> None:
         """Poll ``reqs`` until done or ``deadline`` (monotonic; default now + timeout_s()); spins
         briefly, then sleeps up to 1 ms between polls."""
-        limit = timeout_s()
+        limit = timeout_s() if limit is None else limit
         deadline = time.monotonic() + limit if deadline is None else deadline
         polls = 0
         while not self._MPI.Request.Testall(reqs):
@@ -364,6 +388,9 @@ class MPICommunicator(Communicator):
         rd = [0, *torch.tensor(recv).cumsum(0).tolist()[:-1]]
         req = self.comm.Ialltoallv([self._np(t), (send, sd)], [self._np(out), (recv, rd)])
         self.wait([req], "all_to_all", t)
+
+    def _broadcast(self, t, src, deadline, limit):
+        self.wait([self.comm.Ibcast(self._np(t), root=src)], f"broadcast from rank {src}", t, deadline, limit=limit)
 
     def _p2p(self, sends, recvs):
         reqs = [self.comm.Isend(self._np(t), dest=p, tag=7) for t, p in sends]
@@ -449,6 +476,15 @@ class RingComm:
 
 
 _CACHE: dict[int, tuple[Any, Communicator]] = {}
+
+
+def job_store(prefix: str) -> Any:
+    """The job's key-value store under ``prefix`` (the rendezvous store of the default torch.distributed group), for
+    out-of-band signals that must not wait in a collective -- the service's heartbeats. torch has no public
+    accessor for it (``_get_default_store``, stable since 1.x): this is the one place seqpar reaches for it."""
+    if not dist.is_initialized():
+        raise RuntimeError("seqpar: no default torch.distributed group, hence no job store")
+    return dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
 
 
 def get_communicator(group: Any = None) -> Communicator:

@@ -122,68 +122,41 @@ class Engine:
         return {"session": op["sid"]}
 
     def _attend(self, op: dict, q, k, v, rank: int, world_size: int) -> dict:
-        """q (B, L, H, T, D), k/v (B, L, H_kv, T, D) for the batch's sessions ``op["sids"]`` (one arena).
-
-        The batch runs as few ``decode_attention`` calls as its slots allow: one per run of consecutive
-        slots (ordered by slot; a run's cache rows are a view -- a scattered set of slots would be copied
-        out of the cache by ``decode_attention``'s fancy indexing, which at 16 x 4k tokens costs more than
-        16 separate calls). Sessions are given the lowest free slot, so busy arenas are dense runs."""
+        """q (B, L, H, T, D), k/v (B, L, H_kv, T, D) for the batch's sessions ``op["sids"]`` (one arena): one
+        ``decode_attention`` per layer over the batch's slots (read in place, whatever the slots), one
+        combining collective per layer for the whole batch."""
         sessions = [self.sessions[sid] for sid in op["sids"]]
-        order = sorted(range(len(sessions)), key=lambda i: sessions[i].slot)
-        runs: list[list[int]] = []
-        for i in order:
-            if runs and sessions[i].slot == sessions[runs[-1][-1]].slot + 1:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
+        slots = [s.slot for s in sessions]
         cache = sessions[0].cache
-        b, nl = q.shape[:2]
-        out = torch.empty(q.shape, dtype=q.dtype)
-        lse = None
-        weights = [] if op["weights"] else None
-        for run in runs:
-            idx = torch.tensor(run)
-            slots = [sessions[i].slot for i in run]
-            for j, layer in enumerate(op["layers"]):
-                res = decode_attention(cache, layer, q[idx, j], k[idx, j], v[idx, j], slots=slots, scale=op["scale"],
-                                       return_lse=True, return_weights=op["weights"])
-                out[idx, j] = res[0]
-                if lse is None:
-                    lse = torch.empty((b, nl, *res[-1].shape[1:]), dtype=res[-1].dtype)
-                lse[idx, j] = res[-1]
-                if op["weights"]:
-                    weights.append((run, j, res[1]))  # (len(run), H, T, n) this rank's keys, local order
-        result = {"out": out, "lse": lse}
+        outs, lses, weights = [], [], []
+        for j, layer in enumerate(op["layers"]):
+            res = decode_attention(cache, layer, q[:, j], k[:, j], v[:, j], slots=slots, scale=op["scale"],
+                                   return_lse=True, return_weights=op["weights"])
+            outs.append(res[0])
+            lses.append(res[-1])
+            if op["weights"]:
+                weights.append(res[1])  # (B, H, T, n) this rank's keys, local order
+        result = {"out": torch.stack(outs, 1), "lse": torch.stack(lses, 1)}
         if op["weights"]:
             result["weights"] = self._gather_weights(sessions, op["layers"], weights, rank, world_size)
         return result
 
     def _gather_weights(self, sessions, layers, w, rank, world_size):
         """Every rank's weight shard of each session, on rank 0: ``[[(pos (n_r,), w (L, H, T, n_r)) per rank]
-        per session]`` (None elsewhere). ``w``: ``(run, layer index, weights of the run)`` from :meth:`_attend`.
-        One gather of the padded shards plus one of their positions."""
-        import torch.distributed as dist
-
+        per session]`` (None elsewhere). ``w``: per layer, this rank's ``(B, H, T, n)`` weights.
+        One all-gather of the padded shards plus one of their positions (seqpar's communicator)."""
         cache = sessions[0].cache
         counts = [[cache.local_count(s.slot, s.length(layers[0]), r) for r in range(world_size)] for s in sessions]
-        b, nl = len(sessions), len(layers)
-        _, h, t, _ = w[0][2].shape
+        b = len(sessions)
         n = max(max(c) for c in counts)
-        pad = torch.zeros(b, nl, h, t, n, dtype=w[0][2].dtype)
+        pad = torch.zeros(b, len(layers), *w[0].shape[1:3], n, dtype=w[0].dtype)
         pos = torch.full((b, n), -1, dtype=torch.int64)
-        for run, j, ws in w:
-            for r_i, i in enumerate(run):
-                c = counts[i][rank]
-                pad[i, j, ..., :c] = ws[r_i, ..., :c]
         for i, s in enumerate(sessions):
-            pos[i, :counts[i][rank]] = cache.pos[s.slot, :counts[i][rank]]
-        if world_size == 1:
-            allw, allp = [pad], [pos]
-        else:
-            allw = [torch.empty_like(pad) for _ in range(world_size)] if rank == 0 else None
-            allp = [torch.empty_like(pos) for _ in range(world_size)] if rank == 0 else None
-            dist.gather(pad, allw, dst=0, group=self.group)
-            dist.gather(pos, allp, dst=0, group=self.group)
+            c = counts[i][rank]
+            for j in range(len(layers)):
+                pad[i, j, ..., :c] = w[j][i, ..., :c]
+            pos[i, :c] = cache.pos[s.slot, :c]
+        allw, allp = cache.comm.all_gather(pad), cache.comm.all_gather(pos)  # (W, ...) every rank's shards
         if rank != 0:
             return None
         return [[(allp[r][i, :counts[i][r]], allw[r][i, ..., :counts[i][r]]) for r in range(world_size)]

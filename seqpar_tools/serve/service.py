@@ -84,14 +84,16 @@ class Pending:
 
 class Bus:
     """Rank 0 -> every rank: a step as one frame (``seqpar.client.encode``). One broadcast of :data:`INLINE` bytes
-    carries ``[kind, size]`` and the frame's start (a one-token attend fits); a second one the rest, if any."""
+    carries ``[kind, size]`` and the frame's start (a one-token attend fits); a second one the rest, if any.
+    Through seqpar's communicator (bounded waits): rank 0 waits at most ``timeout_s`` for the others to take a
+    step; the others wait ``2 * timeout_s`` for the next one (an idle rank 0 sends a tick every ``timeout_s / 4``)."""
 
     INLINE = 1 << 16
 
-    def __init__(self, group=None):
-        import torch.distributed as dist
+    def __init__(self, timeout_s: float, group=None):
+        from seqpar.comm import get_communicator
 
-        self.dist, self.group = dist, group
+        self.comm, self.timeout_s = get_communicator(group), timeout_s
 
     def send(self, kind: int, ops: list | None = None, tensors: dict | None = None) -> None:
         raw = encode({"ops": ops or []}, tensors) if kind == _STEP else b""
@@ -99,13 +101,14 @@ class Bus:
         struct.pack_into("<qq", first, 0, kind, len(raw))
         head = raw[:self.INLINE - 16]
         first[16:16 + len(head)] = head
-        self.dist.broadcast(torch.frombuffer(first, dtype=torch.uint8), 0, group=self.group)
+        self.comm.broadcast(torch.frombuffer(first, dtype=torch.uint8), 0, timeout=self.timeout_s)
         if len(raw) > len(head):
-            self.dist.broadcast(torch.frombuffer(bytearray(raw[len(head):]), dtype=torch.uint8), 0, group=self.group)
+            self.comm.broadcast(torch.frombuffer(bytearray(raw[len(head):]), dtype=torch.uint8), 0,
+                                timeout=self.timeout_s)
 
     def recv(self) -> tuple[int, list, dict]:
         first = torch.empty(self.INLINE, dtype=torch.uint8)
-        self.dist.broadcast(first, 0, group=self.group)
+        self.comm.broadcast(first, 0, timeout=2 * self.timeout_s)
         mem = first.numpy().data
         kind, n = struct.unpack_from("<qq", mem, 0)
         if kind != _STEP:
@@ -114,7 +117,7 @@ class Bus:
             body = mem[16:16 + n]
         else:
             rest = torch.empty(n - (self.INLINE - 16), dtype=torch.uint8)
-            self.dist.broadcast(rest, 0, group=self.group)
+            self.comm.broadcast(rest, 0, timeout=self.timeout_s)
             body = bytes(mem[16:]) + bytes(rest.numpy().data)
         header, tensors = decode(body)
         return kind, header["ops"], tensors
@@ -124,10 +127,10 @@ class Heartbeats:
     """Each rank bumps ``serve/hb/<rank>`` in the job's store every :data:`HEARTBEAT_S`; rank 0 reads them."""
 
     def __init__(self, rank: int, world_size: int):
-        import torch.distributed as dist
+        from seqpar.comm import job_store
 
         self.rank, self.world_size = rank, world_size
-        self.store = dist.PrefixStore("seqpar-serve", dist.distributed_c10d._get_default_store())
+        self.store = job_store("seqpar-serve")
         now = time.monotonic()
         self.values = [-1] * world_size
         self.changed = [now] * world_size
@@ -166,7 +169,7 @@ class Service:
                  on_fatal=None, on_ready=None):
         self.cfg, self.token, self.world_size = scfg, token, world_size
         self.engine = Engine(session_slots=scfg.session_slots, block_size=scfg.block_size, group=group)
-        self.bus = Bus(group)
+        self.bus = Bus(scfg.timeout_s, group)
         self.on_fatal, self.on_ready = on_fatal, on_ready
         self.inbox: queue.Queue[Pending | None] = queue.Queue()
         self.lock = threading.Lock()
@@ -690,7 +693,7 @@ def follower(scfg: Any, rank: int, world_size: int, group=None) -> None:
         signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when to stop (it drains first)
     hb = Heartbeats(rank, world_size)
     engine = Engine(session_slots=scfg.session_slots, block_size=scfg.block_size, group=group)
-    bus = Bus(group)
+    bus = Bus(scfg.timeout_s, group)
     try:
         while True:
             kind, ops, tensors = bus.recv()
