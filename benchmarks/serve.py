@@ -14,7 +14,9 @@ token's K/V appended in the same request). W = 2 gloo ranks, one thread each.
 2. **Throughput vs concurrency** at a 4k and a 256-token context: N client threads, each its own session, attending for
    ``--seconds``; requests/s with batching (``serve.max_batch = 32``, window 1 ms: concurrent attends of one
    arena go through one ``decode_attention`` per layer) and without (``serve.max_batch = 1``: one request
-   per step).
+   per step). Also the CPU milliseconds each process spent per request (rank 0, rank 1, the client threads;
+   from /proc): on a 2-core machine the ranks and the clients share the cores, so requests/s is bounded by
+   their sum, and what batching can save is the per-step part of it -- not the attention itself.
 
 Writes ``--out`` (JSON, with the load average before and after) and a plot next to it.
 """
@@ -66,6 +68,30 @@ def _inprocess_rank(rank, world_size, context, calls):
         if i >= 3:
             times.append(time.perf_counter() - t0)
     return times
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ranks_of(pid: int) -> list[int]:
+    """The rank processes ``seqpar serve`` spawned (children running multiprocessing's spawn_main), by rank."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if ppid == pid and b"spawn_main" in cmd:
+                out.append(int(d))
+    return sorted(out)  # spawned in rank order
 
 
 class Served:
@@ -164,6 +190,8 @@ def throughput(context: int, clients: list[int], seconds: float, max_calls: int)
 
                 threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
                 before = c.stats()
+                ranks = _ranks_of(srv.proc.pid)
+                cpu0 = [_cpu_s(r) for r in ranks] + [_cpu_s(os.getpid())]
                 t0 = time.perf_counter()
                 for t in threads:
                     t.start()
@@ -172,13 +200,18 @@ def throughput(context: int, clients: list[int], seconds: float, max_calls: int)
                 for t in threads:
                     t.join()
                 wall = time.perf_counter() - t0
+                cpu = [(_cpu_s(r) - c0) * 1e3 / max(1, sum(counts))
+                       for r, c0 in zip([*ranks, os.getpid()], cpu0)]
                 after = c.stats()
                 steps = after["steps"] - before["steps"]
                 rows.append({"context": context, "batching": batching, "clients": n,
                              "requests_per_s": sum(counts) / wall,
-                             "requests_per_step": sum(counts) / max(1, steps), "calls": sum(counts)})
+                             "requests_per_step": sum(counts) / max(1, steps), "calls": sum(counts),
+                             "cpu_ms_per_request": {**{f"rank{r}": round(x, 3) for r, x in enumerate(cpu[:-1])},
+                                                    "clients": round(cpu[-1], 3)}})
                 print(f"S={context} batching={batching} clients={n}: {rows[-1]['requests_per_s']:.0f} req/s, "
-                      f"{rows[-1]['requests_per_step']:.2f} req/step", flush=True)
+                      f"{rows[-1]['requests_per_step']:.2f} req/step; CPU ms per request "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1]["cpu_ms_per_request"].items()), flush=True)
                 for sid in sids:
                     c.delete_session(sid)
         finally:

@@ -563,6 +563,54 @@ def test_under_torchrun_rank_0_serves_and_a_drain_stops_every_rank():
             proc.wait(timeout=30)
 
 
+@pytest.mark.timeout(START_S + 90)
+def test_under_mpirun_rank_0_serves_and_sigterm_drains():
+    """``launch/mpirun.sh serve``: the ranks join the MPI job (gloo bootstrapped through mpi4py), rank 0 serves an
+    exact answer; SIGTERM to the launcher (forwarded to every rank: rank 0 drains, the others wait for its stop
+    step) ends the job with 0 and leaves no rank behind."""
+    from test_mpi import _need_mpi
+
+    mpiexec = _need_mpi()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SEQPAR_SERVE_TOKEN")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", NP="2", MPIEXEC=mpiexec, PYTHON=sys.executable)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "mpirun.sh"), "serve", "--port", "0", "--timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        address, seen = None, []
+        while address is None:
+            line = lines.get(timeout=START_S)
+            seen.append(line)
+            if "ready on " in line:
+                address = line.split("ready on ")[1].split()[0]
+        c = Client(address)
+        seq = Seq(1, 4, 2, 8, seed=4)
+        sid = c.create_session(layers=1, heads=4, kv_heads=2, head_dim=8, capacity=64)
+        q, out = _attend(c, sid, seq, 0, 5)
+        assert (out.double() - seq.ref(0, q)[0]).abs().max() <= TOL[torch.float32]
+        assert c.stats()["world_size"] == 2
+        ranks = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                 and "seqpar_tools serve" in _cmdline(int(d.name)) and proc.pid in _ancestors(int(d.name))
+                 and "mpi4py" in _cmdline(int(d.name))]
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / a scheduler's stop does to the job
+        assert proc.wait(timeout=60) == 0, "".join(seen)
+        wait_for(lambda: not any(alive(p) for p in ranks), 30, "ranks gone")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _environ(d: Path) -> dict:
     try:
         raw = (d / "environ").read_bytes()
