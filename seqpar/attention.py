@@ -66,7 +66,8 @@ def attention(
         group: None (default torch.distributed group), a ``ProcessGroup`` or an mpi4py ``Comm``; for
             ``strategy="ulysses_ring"`` also a 2-D ``DeviceMesh`` (dims (outer, inner)) or a pair
             ``(inner_group, outer_group)`` of ProcessGroups covering the default group (then ``"auto"`` means
-            ``"ulysses_ring"``); with None the inner size is ``LOCAL_WORLD_SIZE`` (default: every rank).
+            ``"ulysses_ring"``); with None or an mpi4py ``Comm`` the inner size is the launcher's ranks per node
+            (``LOCAL_WORLD_SIZE``, Open MPI's or MPICH's local size; default: every rank).
         is_causal: key j is visible to query i when ``j <= i`` (global positions).
         scale: score scale, default ``D ** -0.5``.
         layout: ``"contiguous"`` or ``"zigzag"`` -- which global positions this rank holds.
@@ -175,7 +176,8 @@ def _attention(
     tokens = [Tokens(positions(seq_len, w, r, layout).to(dev), docs[r], keeps[r]) for r in range(w)]
     setup = Setup(comm, scale, MaskSpec(bool(is_causal), window_size), sizes, tokens)
     if two_level:
-        setup = _mesh_setup(setup, group if grid else None, table["grid (inner id, inner rank, outer id, outer rank)"])
+        grid_of = group if grid or not isinstance(comm, TorchCommunicator) else None  # None: the default group's grid
+        setup = _mesh_setup(setup, grid_of, table["grid (inner id, inner rank, outer id, outer rank)"])
     if strategy == "auto":
         strategy = plan(
             batch=b, heads=h, kv_heads=k_local.shape[1], seq_len=seq_len, head_dim=d, world_size=w,
@@ -187,8 +189,12 @@ def _attention(
 def _grid_info(group, grid: bool, comm) -> tuple[int, tuple[int, int, int, int]]:
     """This rank's inner size and grid coordinates for ``strategy="ulysses_ring"`` (local checks only)."""
     rank, w = comm.rank, comm.world_size
-    if not isinstance(comm, TorchCommunicator):
-        raise ValueError(f"rank {rank}: strategy='ulysses_ring' needs torch.distributed (group={group!r})")
+    if not isinstance(comm, TorchCommunicator):  # an mpi4py communicator: cut into nodes of the inner size
+        try:
+            n = inner_size(w)
+        except ValueError as e:
+            raise ValueError(f"rank {rank}: {e}") from None
+        return n, ((rank // n) * n, rank % n, rank % n, rank // n)
     if grid:
         inner, outer = grid_groups(group, None)
         import torch.distributed as dist
@@ -238,7 +244,7 @@ def _mesh_setup(setup: Setup, group, coords: list[tuple[int, ...]]):
     rows = [row(coords[outer_of[og][o]][0]) for o in range(m)]
     if group is None and n in (1, w):  # one level: the whole group and a group of one (no new groups)
         inner_c, outer_c = (setup.comm, LocalCommunicator()) if n == w else (LocalCommunicator(), setup.comm)
-    else:
+    else:  # a DeviceMesh / pair, the default group's standard grid, or an mpi4py communicator split in two
         inner_pg, outer_pg = grid_groups(group, n)
         inner_c, outer_c = grid_communicator(inner_pg, setup.comm), grid_communicator(outer_pg, setup.comm)
     return mesh_setup(setup, inner_c, outer_c, row(ig), rows)

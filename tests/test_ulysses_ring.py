@@ -194,3 +194,23 @@ def test_query_heads_cutting_a_kv_group_travel_expanded(dist):
     res = dist(6, run_cut_groups, timeout=100)
     check_results([r for r, _ in res], TOL[torch.float64], require_dead_rows=True)
     assert all(got == want for _, (got, want) in res), [b for _, b in res]
+
+
+@pytest.mark.timeout(150)
+def test_over_mpi4py_with_a_two_level_split():
+    """``group=MPI.COMM_WORLD`` on 4 ranks with LOCAL_WORLD_SIZE=2: the communicator is split into 2 "nodes" x 2
+    (tests/mpi_ulysses_case.py: uneven S and heads, GQA, float64 and bfloat16, forward and dq/dk/dv against the
+    reference, bytes against the formula with inner=2, which differs from every one-level figure)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_mpi import _need_mpi
+
+    mpiexec = _need_mpi()
+    script = Path(__file__).with_name("mpi_ulysses_case.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}
+    proc = subprocess.run([mpiexec, "-n", "4", sys.executable, str(script), "ulysses_ring"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=script.parent.parent, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok ulysses_ring (inner 2)") == 4, proc.stdout

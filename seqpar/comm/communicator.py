@@ -538,6 +538,8 @@ def grid_groups(group: Any, inner_size: int | None) -> tuple[Any, Any]:
     rank must call this at the same point (``new_group`` is collective over the default group)."""
     if isinstance(group, (tuple, list)):
         return group[0], group[1]
+    if type(group).__module__.startswith("mpi4py"):
+        return _mpi_grid(group, inner_size)
     if group is not None:
         if group.ndim != 2:
             raise ValueError(f"group: a DeviceMesh of {group.ndim} dims; allowed: 2 (outer, inner)")
@@ -553,6 +555,18 @@ def grid_groups(group: Any, inner_size: int | None) -> tuple[Any, Any]:
 
 
 _GRIDS: dict[tuple[int, int, int], tuple[Any, list[Any], list[Any]]] = {}
+_MPI_GRIDS: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+
+
+def _mpi_grid(comm: Any, n: int) -> tuple[Any, Any]:
+    """``(inner, outer)`` of an mpi4py communicator: ``Split`` into blocks of ``n`` consecutive ranks and into the
+    ranks of equal ``rank % n`` (collective over ``comm``, like ``new_group``); built once per communicator."""
+    key = (id(comm), n)
+    hit = _MPI_GRIDS.get(key)
+    if hit is None or hit[0] is not comm:
+        r = comm.Get_rank()
+        hit = _MPI_GRIDS[key] = (comm, comm.Split(r // n, r), comm.Split(r % n, r))
+    return hit[1], hit[2]
 
 
 def grid_coordinates(inner: Any, outer: Any) -> tuple[int, int, int, int]:
@@ -564,7 +578,9 @@ def grid_coordinates(inner: Any, outer: Any) -> tuple[int, int, int, int]:
 
 def grid_communicator(group: Any, whole: Communicator) -> Communicator:
     """The communicator of one grid dimension: its bytes count into ``whole``'s too."""
-    comm = LocalCommunicator() if dist.get_world_size(group) == 1 else get_communicator(group)
+    comm = get_communicator(group)
+    if comm.world_size == 1:
+        comm = LocalCommunicator()
     if comm is not whole:
         comm.counts_to = whole
     return comm

@@ -166,8 +166,8 @@ REGISTRY: dict[str, Strategy] = {
                  "none (heads split unevenly when W does not divide them; H < W leaves ranks idle)",
                  "all-to-all to head shards, attend the whole sequence, all-to-all back"),
         Strategy("ulysses_ring", UlyssesRingAttention, _ulysses_ring_bytes, _ulysses_ring_memory,
-                 "torch.distributed; the ranks form a grid (group= a 2-D DeviceMesh, a pair (inner, outer), or "
-                 "None: LOCAL_WORLD_SIZE ranks per inner group); heads split over the inner size as in ulysses",
+                 "the ranks form a grid (group= a 2-D DeviceMesh, a pair (inner, outer), or None / an mpi4py Comm: "
+                 "the launcher's ranks per node per inner group); heads split over the inner size as in ulysses",
                  "all-to-all inside the inner group, ring across the outer one"),
     )
 }

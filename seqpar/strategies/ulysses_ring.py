@@ -79,14 +79,19 @@ def mesh_setup(setup: Setup, inner_comm, outer_comm, inner_members: list[int], r
     return MeshSetup(setup, inner, outer)
 
 
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")  # torchrun, Open MPI, MPICH
+
+
 def inner_size(world_size: int) -> int:
-    """The inner size with ``group=None``: ``LOCAL_WORLD_SIZE`` (the ranks per node, as torchrun sets it), else
-    every rank. ValueError unless it divides ``world_size``. Tools pass it as ``seqpar.plan.bytes_sent(inner=...)``."""
-    raw = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
+    """The inner size without a grid (``group=None`` or an mpi4py communicator): the ranks per node as the launcher
+    says -- ``LOCAL_WORLD_SIZE`` (torchrun), else Open MPI's / MPICH's local size -- else every rank. ValueError
+    unless it divides ``world_size``. Tools pass it as ``seqpar.plan.bytes_sent(inner=...)``."""
+    var = next((v for v in LOCAL_SIZE_VARS if v in os.environ), None)
+    raw = os.environ[var] if var else str(world_size)
     n = int(raw) if raw.strip().isdigit() else 0
     if not 1 <= n <= world_size or world_size % n:
-        raise ValueError(f"strategy='ulysses_ring' with LOCAL_WORLD_SIZE={raw!r} (the inner size); allowed: a divisor "
-                         f"of the world size {world_size}")
+        raise ValueError(f"strategy='ulysses_ring' with {var or 'LOCAL_WORLD_SIZE'}={raw!r} (the inner size); "
+                         f"allowed: a divisor of the world size {world_size}")
     return n
 
 
