@@ -7,6 +7,7 @@ service's ranks hold the sharded KV cache and answer with the exact attention ou
         c.append(s, 0, k, v)                                   # k, v (H_kv, T, D) or (1, H_kv, T, D)
         out, lse = c.attend(s, 0, q, k_new, v_new, return_lse=True)   # q (H, T, D) or (1, H, T, D)
         outs = c.attend(s, [0, 1], q2, k2, v2)                 # several layers: q2 (L, H, T, D), k2 (L, H_kv, T, D)
+        outs = c.attend_many([s, s2], 0, qb, kb, vb)            # several sessions in one request: qb (B, H, T, D)
         c.delete_session(s)
 
 numpy arrays or torch tensors in, the same kind out (bfloat16 needs torch). One HTTP/1.1 connection is kept
@@ -270,6 +271,25 @@ class Client:
         if return_weights:
             res.append([(ts[f"pos{r}"], ts[f"w{r}"]) for r in range(head["world_size"])])
         return res[0] if len(res) == 1 else tuple(res)
+
+    def attend_many(self, sessions: list[str], layers: int | list[int], q: Any, k: Any, v: Any, *,
+                    scale: float | None = None, return_lse: bool = False) -> Any:
+        """:meth:`attend` for several sessions in one request (row ``i`` for ``sessions[i]``): the service runs them
+        in one step (one combining collective per layer for those that share an arena) and stores nothing unless
+        every row is valid. One layer: ``q (B, H, T, D)``, ``k, v (B, H_kv, T, D)``; several layers (a list of L):
+        ``q (B, L, H, T, D)``, ``k, v (B, L, H_kv, T, D)``. Returns ``out`` shaped like ``q`` (plus ``lse``)."""
+        one = isinstance(layers, int)
+        if one:
+            q, k, v = (t[:, None] for t in (q, k, v))
+            layers = [layers]
+        header = {"sessions": list(sessions), "layers": list(layers), "scale": scale, "return_lse": return_lse}
+        _, data = self._request("POST", "/v1/attend", encode(header, {"q": q, "k": k, "v": v}), CONTENT_TYPE)
+        head, ts = decode(data, as_torch=not isinstance(q, np.ndarray))
+        self.last_step_ms = head.get("step_ms")
+        out, lse = ts["out"], ts.get("lse")
+        if one:
+            out, lse = out[:, 0], None if lse is None else lse[:, 0]
+        return (out, lse) if return_lse else out
 
 
 def _squeeze1(t: Any, dims: int, name: str) -> Any:

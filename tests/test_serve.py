@@ -179,6 +179,60 @@ def test_exact_against_the_float64_formula(service):
     assert e.value.status == 404 and sessions[0] in e.value.message
 
 
+def test_attend_many_sessions_in_one_request(service):
+    """``Client.attend_many``: rows of several sessions -- two arenas (capacities differ), ragged lengths, one and
+    several layers, LSE -- exact in one request; a request with one bad row is refused whole: nothing is stored for
+    the valid rows (their next answers stay exact)."""
+    c = service.client()
+    caps = (100, 100, 120)  # the third session's shape differs: its own arena, a second group in the same step
+    sessions = [c.create_session(layers=2, heads=4, kv_heads=2, head_dim=8, capacity=cap) for cap in caps]
+    seqs = [Seq(2, 4, 2, 8, seed=20 + i) for i in range(3)]
+    for s, seq, n0 in zip(sessions, seqs, (5, 33, 18)):
+        for layer in (0, 1):
+            k, v = seq.new_kv(n0)
+            c.append(s, layer, k, v)
+            seq.add(layer, k, v)
+
+    def step(rows, layers, t):
+        q = torch.stack([torch.stack([seqs[i].rand(4, t, 8) for _ in layers]) for i in rows])  # (B, L, H, T, D)
+        kv = [[seqs[i].new_kv(t) for _ in layers] for i in rows]
+        k = torch.stack([torch.stack([a for a, _ in row]) for row in kv])
+        v = torch.stack([torch.stack([b for _, b in row]) for row in kv])
+        return q, k, v
+
+    for rows, layers, t in (([0, 1, 2], [0, 1], 1), ([2, 0], [1], 2), ([1], [0, 1], 1)):
+        q, k, v = step(rows, layers, t)
+        one = len(layers) == 1
+        out, lse = c.attend_many([sessions[i] for i in rows], layers[0] if one else layers,
+                                 *(x[:, 0] if one else x for x in (q, k, v)), return_lse=True)
+        out, lse = (out[:, None], lse[:, None]) if one else (out, lse)
+        assert out.shape == q.shape and lse.shape == q.shape[:-1]
+        for b, i in enumerate(rows):
+            for j, layer in enumerate(layers):
+                seqs[i].add(layer, k[b, j], v[b, j])
+                ro, rl, _ = seqs[i].ref(layer, q[b, j])
+                assert (out[b, j].double() - ro).abs().max() <= TOL[torch.float32], (rows, layers, b, j)
+                assert (lse[b, j].double() - rl).abs().max() <= 10 * TOL[torch.float32]
+    lengths = [seq.k[0].shape[1] for seq in seqs]
+    # one unknown session in the batch: 404 naming it and its row; the others' K/V not stored
+    q, k, v = step([0, 1], [0], 1)
+    with pytest.raises(ServeError) as e:
+        c.attend_many([sessions[0], "nope", sessions[1]][:3], 0, *(torch.cat([x[:, 0], x[:1, 0]]) for x in (q, k, v)))
+    assert e.value.status == 404 and "'nope' (row 1)" in e.value.message and "nothing was stored" in e.value.message
+    with pytest.raises(ServeError) as e:  # a row of the wrong head count
+        c.attend_many(sessions[:2], 0, torch.zeros(2, 3, 1, 8), torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8))
+    assert e.value.status == 400 and "row 0" in e.value.message
+    with pytest.raises(ServeError) as e:  # the same session twice
+        c.attend_many([sessions[0]] * 2, 0, q[:, 0], k[:, 0], v[:, 0])
+    assert e.value.status == 400 and "distinct" in e.value.message
+    for i in (0, 1):  # nothing of the refused requests was stored: the next single attends are exact
+        q1, out = _attend(c, sessions[i], seqs[i], 0, 1)
+        assert seqs[i].k[0].shape[1] == lengths[i] + 1
+        assert (out.double() - seqs[i].ref(0, q1)[0]).abs().max() <= TOL[torch.float32]
+    for s in sessions:
+        c.delete_session(s)
+
+
 def _post(address, path, body, ctype=CONTENT_TYPE, headers=None):
     req = urllib.request.Request(address + path, data=body, method="POST",
                                  headers={"Content-Type": ctype, **(headers or {})})
@@ -402,13 +456,15 @@ def test_a_killed_rank_fails_every_pending_request_before_the_timeout():
         assert r[2] < 30  # noticed from the failed collective, not the 30 s timeout
 
 
-def test_hf_generation_with_the_cache_on_the_service(service):
-    """A single-process tiny random-init Llama generates 32 tokens after a 1k prompt with its KV cache held by
-    the service (attn_implementation="seqpar_remote"): the tokens of local sdpa generation, logits within 1e-5."""
+@pytest.mark.parametrize("batch, prompt, new", [(1, 1024, 32), (3, 200, 12)])
+def test_hf_generation_with_the_cache_on_the_service(service, batch, prompt, new):
+    """A single-process tiny random-init Llama generates 32 tokens after a 1k prompt (and a batch of 3 prompts:
+    one session per row, ``attend_many``) with its KV cache held by the service (attn_implementation=
+    "seqpar_remote"): the tokens of local sdpa generation, logits within 1e-5."""
     transformers = pytest.importorskip("transformers")
     import seqpar.hf_remote as hr
 
-    vocab, prompt, new = 97, 1024, 32
+    vocab = 97
 
     def model(attn):
         torch.manual_seed(0)
@@ -418,7 +474,7 @@ def test_hf_generation_with_the_cache_on_the_service(service):
             bos_token_id=None, eos_token_id=None, pad_token_id=0)
         return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float().eval()
 
-    ids = torch.randint(1, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(1))
 
     def generate(m, cache=None):
         with torch.no_grad():
@@ -429,14 +485,14 @@ def test_hf_generation_with_the_cache_on_the_service(service):
     want_tokens, want_logits = generate(model("sdpa"))
     remote = model(hr.NAME)
     with service.client() as c:
-        cache = hr.RemoteCache(remote.config, c, max_cache_len=prompt + new)
+        cache = hr.RemoteCache(remote.config, c, max_cache_len=prompt + new, batch_size=batch)
         tokens, logits = generate(remote, cache)
         held = [r["used_tokens"] for r in c.stats()["ranks"]]
         cache.close()
     assert torch.equal(tokens, want_tokens), (tokens != want_tokens).nonzero()[:5]
     err = ((logits - want_logits).abs().amax(-1) / want_logits.abs().amax(-1)).max().item()
     assert err < 1e-5, err
-    assert all(held) and sum(held) >= 2 * (prompt + new - 1)  # both ranks hold part of both layers' K/V
+    assert all(held) and sum(held) >= 2 * batch * (prompt + new - 1)  # both ranks hold part of both layers' K/V
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0():

@@ -66,13 +66,23 @@ def _ok_json(payload: dict) -> tuple[int, bytes, str]:
 
 
 class Pending:
-    """A request waiting for its answer; ``reply`` may be called from any thread, once."""
+    """A request waiting for its answer; ``reply`` may be called from any thread, once.
 
-    __slots__ = ("kind", "sid", "header", "tensors", "t0", "fut", "loop", "done")
+    A batch attend (``attend_many``) carries one ``attend`` Pending per session in ``parts`` (each with ``parent``
+    and ``index``): they are validated together (one bad part refuses the whole request, nothing stored) and
+    answered together once every part's result is in ``results``."""
 
-    def __init__(self, kind, sid, header, tensors, fut, loop):
+    __slots__ = ("kind", "sid", "sids", "header", "tensors", "t0", "fut", "loop", "done", "parts", "parent", "index",
+                 "results")
+
+    def __init__(self, kind, sid, header, tensors, fut, loop, parts=None):
         self.kind, self.sid, self.header, self.tensors = kind, sid, header, tensors
         self.t0, self.fut, self.loop, self.done = time.monotonic(), fut, loop, False
+        self.parts, self.parent, self.index = parts or [], None, 0
+        self.sids = {x.sid for x in self.parts} if parts else {sid}
+        self.results: dict[int, tuple] = {}
+        for i, part in enumerate(self.parts):
+            part.parent, part.index = self, i
 
     def reply(self, answer: tuple[int, bytes, str]) -> None:
         def _set():
@@ -210,6 +220,7 @@ class Service:
         app.router.add_delete("/v1/sessions/{sid}", self._handle("delete"))
         app.router.add_post("/v1/sessions/{sid}/append", self._handle("append"))
         app.router.add_post("/v1/sessions/{sid}/attend", self._handle("attend"))
+        app.router.add_post("/v1/attend", self._handle("attend_many"))
         runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=3600)
         try:
             loop.run_until_complete(runner.setup())
@@ -300,7 +311,7 @@ class Service:
                 raise Reject(400, f"create session: body is not JSON: {e}") from None
             if not isinstance(header, dict):
                 raise Reject(400, "create session: body must be a JSON object")
-        elif kind in ("append", "attend"):
+        elif kind in ("append", "attend", "attend_many"):
             ctype = request.headers.get("Content-Type", "")
             if ctype.split(";")[0].strip() != CONTENT_TYPE:
                 raise Reject(415, f"{kind}: Content-Type {ctype!r}; expected {CONTENT_TYPE!r} (raw tensors, no pickle)")
@@ -309,9 +320,35 @@ class Service:
             except FrameError as e:
                 raise Reject(400, f"{kind}: {e}") from None
         loop = asyncio.get_running_loop()
-        return Pending(kind, sid, header, tensors, loop.create_future(), loop)
+        parts = self._split(header, tensors, loop) if kind == "attend_many" else None
+        return Pending(kind, sid, header, tensors, loop.create_future(), loop, parts)
+
+    def _split(self, header: dict, tensors: dict, loop) -> list[Pending]:
+        """A batch attend -> one ``attend`` part per session (its frame's structure checked here, the parts against
+        the sessions in the step loop). Body: ``{"sessions": [...], "layers", "scale", "return_lse"}`` and ``q (B, L,
+        H, T, D)``, ``k, v (B, L, H_kv, T, D)``, row ``i`` for ``sessions[i]``."""
+        sids = header.get("sessions")
+        if (not isinstance(sids, list) or not sids or not all(isinstance(x, str) for x in sids)
+                or len(set(sids)) != len(sids)):
+            raise Reject(400, f"attend_many: sessions = {sids!r}; expected a non-empty list of distinct session ids")
+        if len(sids) > self.cfg.max_batch:
+            raise Reject(413, f"attend_many: {len(sids)} sessions, serve.max_batch = {self.cfg.max_batch}")
+        if header.get("return_weights"):
+            raise Reject(400, "attend_many: return_weights is offered per session (POST /v1/sessions/{id}/attend)")
+        extra = sorted(set(tensors) - {"q", "k", "v"})
+        bad = [n for n in ("q", "k", "v") if n not in tensors or tensors[n].dim() != 5
+               or tensors[n].shape[0] != len(sids)]
+        if extra or bad:
+            raise Reject(400, f"attend_many: tensors {sorted(tensors)}; expected q (B, L, H, T, D) and k, v (B, L, "
+                              f"H_kv, T, D) with B = {len(sids)} sessions"
+                              + (f" ({', '.join(f'{n}: {tuple(tensors[n].shape)}' for n in bad if n in tensors)})"
+                                 if bad else ""))
+        sub = {k: v for k, v in header.items() if k != "sessions"}
+        return [Pending("attend", sid, sub, {n: tensors[n][i] for n in ("q", "k", "v")}, None, loop)
+                for i, sid in enumerate(sids)]
 
     def _finish(self, p: Pending, answer: tuple[int, bytes, str]) -> None:
+        p = p.parent or p  # a part's error answers its batch request
         with self.lock:
             if p.done:
                 return
@@ -378,10 +415,10 @@ class Service:
                 self._finish(p, _ok_json(self.stats()))
                 continue
             batch = [p]
-            if p.kind in ("append", "attend"):
-                sids = {p.sid}
+            if p.kind in ("append", "attend", "attend_many"):
+                sids = set(p.sids)
                 deadline = p.t0 + window
-                recent[p.sid] = p.t0
+                recent.update(dict.fromkeys(p.sids, p.t0))
                 horizon = p.t0 - max(0.05, 20 * window)
                 for sid in [sid for sid, t in recent.items() if t < horizon]:
                     del recent[sid]
@@ -391,13 +428,13 @@ class Service:
                         break
                     if q.kind == "stats":
                         self._finish(q, _ok_json(self.stats()))
-                    elif q.kind in ("create", "delete") or q.sid in sids:
+                    elif q.kind in ("create", "delete") or q.sids & sids:
                         carry.append(q)
                         break
                     else:
                         batch.append(q)
-                        sids.add(q.sid)
-                        recent[q.sid] = q.t0
+                        sids |= q.sids
+                        recent.update(dict.fromkeys(q.sids, q.t0))
             self._step(batch)
         self._run_step(_STOP, [], {})
 
@@ -432,9 +469,19 @@ class Service:
                     ops.append({"op": "append", "sid": p.sid, "layer": p.header["layer"]})
                     tensors[f"{i}.k"], tensors[f"{i}.v"] = k, v
                     owners.append([p])
-                else:
+                elif p.kind == "attend":
                     key = self._check_attend(p)
                     groups.setdefault(key, []).append(p)
+                else:  # attend_many: every part valid, or the whole request refused
+                    keys = []
+                    for part in p.parts:
+                        try:
+                            keys.append(self._check_attend(part))
+                        except Reject as e:
+                            raise Reject(e.status, f"attend_many: session {part.sid!r} (row {part.index}): "
+                                                   f"{e.message}; nothing was stored") from None
+                    for key, part in zip(keys, p.parts):
+                        groups.setdefault(key, []).append(part)
             except Reject as e:
                 self._finish(p, _err(e.status, e.message))
         for (_aid, layers, _h, _t, scale, weights), ps in groups.items():
@@ -458,7 +505,10 @@ class Service:
         for op, ps, res in zip(ops, owners, results):
             if op["op"] == "attend":
                 for j, p in enumerate(ps):
-                    self._finish(p, self._attend_answer(p, op, res, j))
+                    if p.parent is None:
+                        self._finish(p, self._attend_answer(p, op, res, j))
+                    else:
+                        self._collect(p, op, res, j)
             elif op["op"] == "create":
                 s = self.engine.sessions[op["sid"]]
                 self._finish(ps[0], _ok_json({"session": s.sid, "slot": s.slot, "arena": op["aid"],
@@ -466,6 +516,20 @@ class Service:
             else:
                 self._finish(ps[0], _ok_json({"session": op["sid"], **res}) if op["op"] == "delete" else
                              (200, encode(res), CONTENT_TYPE))
+
+    def _collect(self, part: Pending, op: dict, res: dict, j: int) -> None:
+        """One part of a batch attend is done; the last one answers the request: ``out (B, L, H, T, D)``, ``lse``."""
+        parent = part.parent
+        parent.results[part.index] = (res["out"][j], res["lse"][j], self.engine.sessions[part.sid].length(
+            op["layers"][0]))
+        if len(parent.results) < len(parent.parts):
+            return
+        rows = [parent.results[i] for i in range(len(parent.parts))]
+        out = {"out": torch.stack([r[0] for r in rows])}
+        if parent.header.get("return_lse"):
+            out["lse"] = torch.stack([r[1] for r in rows])
+        head = {"world_size": self.world_size, "lengths": [r[2] for r in rows], "step_ms": round(self.apply_ms, 4)}
+        self._finish(parent, (200, encode(head, out), CONTENT_TYPE))
 
     def _attend_answer(self, p: Pending, op: dict, res: dict, j: int) -> tuple[int, bytes, str]:
         s = self.engine.sessions[p.sid]
