@@ -123,23 +123,25 @@ def _pyplot():
 
 
 def _bars(ax, groups: list[str], series: dict[str, list[float]], *, marks: dict[str, list[float]] | None = None,
-          mark_label: str = "", colors: dict[str, str] | None = None, fmt: str = "{:.2f}") -> None:
+          mark_label: str = "", colors: dict[str, str] | None = None, fmt: str = "{:.2f}",
+          floor: float | None = None) -> None:
     """Grouped bars: one group per ``groups`` entry, one bar per series (NaN: no bar, "n/a" written);
-    ``marks`` draws a black tick on a series' bar (e.g. the analytic figure); every bar is labelled."""
+    ``marks`` draws a black tick on a series' bar (e.g. the analytic figure); every bar is labelled with its
+    value (an exact 0 as "0"). ``floor``: the least bar height drawn (a log axis cannot show 0)."""
     n = max(len(series), 1)
     width = 0.8 / n
     for i, (name, vals) in enumerate(series.items()):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(groups))]
         color = (colors or {}).get(name, f"C{i}")
-        heights = [0 if math.isnan(v) else v for v in vals]
+        heights = [0 if math.isnan(v) else v if floor is None else max(v, floor) for v in vals]
         bars = ax.bar(xs, heights, width * 0.92, label=name, color=color)
         for x, v, bar in zip(xs, vals, bars):
             if math.isnan(v):  # not measured (a failed run, a missing baseline): say so at the bottom
                 ax.annotate("n/a", (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7,
                             xytext=(0, 2), textcoords="offset points")
             else:
-                ax.annotate(fmt.format(v), (x, bar.get_height()), ha="center", va="bottom", fontsize=7,
-                            xytext=(0, 2), textcoords="offset points")
+                ax.annotate("0" if v == 0 else fmt.format(v), (x, bar.get_height()), ha="center", va="bottom",
+                            fontsize=7, xytext=(0, 2), textcoords="offset points")
         if marks and name in marks:
             pts = [(x, m) for x, m in zip(xs, marks[name]) if not math.isnan(m)]
             if pts:
@@ -210,9 +212,7 @@ def plot_run(rows: list[dict], path: Path, *, title: str, meta: dict) -> Path | 
 
     errs = {"float64 check (short S)": _get(rows, "err_float64"),
             "vs single-process SDPA (full S)": _get(rows, "err_long")}
-    floor = 1e-18
-    _bars(ax_e, names, {k: [max(v, floor) if not math.isnan(v) else v for v in vals] for k, vals in errs.items()},
-          fmt="{:.0e}")
+    _bars(ax_e, names, errs, fmt="{:.0e}", floor=1e-18)  # an exact 0 is drawn at the floor, labelled "0"
     ax_e.set_yscale("log")
     tols = meta.get("tolerance") or {}
     for i, (dtype, check) in enumerate((("float64", "float64 check"), (meta.get("config", {}).get("attention", {})
