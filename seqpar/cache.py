@@ -163,6 +163,19 @@ class KVCache:
         """Global positions of the tokens of ``slot`` held on this rank, in local (storage) order."""
         return self.pos[slot, : self.local_count(slot, self.lengths[layer][slot])]
 
+    def _store(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Write the tokens of ``k, v (kv_heads, T, D)`` at global positions ``length .. length + T - 1`` of ``slot``
+        that this rank owns into its storage, past the committed length (which the caller commits, on every rank
+        alike: :mod:`seqpar.decode` after its collective, the service's engine in its replicated step). Returns
+        this rank's count of the slot's tokens once they are committed. No collective, no check."""
+        n, t = self.lengths[layer][slot], k.shape[1]
+        n0 = self.local_count(slot, n)
+        mine = (self.owners(slot, torch.arange(n, n + t)) == self.rank).nonzero().flatten()
+        if mine.numel():
+            self.k[layer, slot, :, n0:n0 + mine.numel()] = k[:, mine]
+            self.v[layer, slot, :, n0:n0 + mine.numel()] = v[:, mine]
+        return n0 + mine.numel()
+
     def nbytes(self) -> int:
         """Bytes of K/V storage on this rank."""
         return self.k.numel() * self.k.element_size() * 2

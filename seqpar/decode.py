@@ -81,16 +81,7 @@ def _local_step(cache: KVCache, layer, slots, q, k_new, v_new, scale, window_siz
     b, h, t, d = q.shape
     sd = stat_dtype(q.dtype)
     lens = [cache.lengths[layer][s] for s in slots]
-    new_counts = []
-    for i, s in enumerate(slots):
-        n0 = cache.local_count(s, lens[i])
-        p = torch.arange(lens[i], lens[i] + t)
-        mine = (cache.owners(s, p) == cache.rank).nonzero().flatten()
-        if mine.numel():
-            idx = slice(n0, n0 + mine.numel())
-            cache.k[layer, s, :, idx] = k_new[i, :, mine]
-            cache.v[layer, s, :, idx] = v_new[i, :, mine]
-        new_counts.append(n0 + mine.numel())
+    new_counts = [cache._store(layer, s, k_new[i], v_new[i]) for i, s in enumerate(slots)]
     runs = _runs(slots)
     whole = len(runs) == 1 and runs[0] == list(range(b))  # the batch is one run, in order: no row copies
     out = q.new_zeros(q.shape, dtype=sd) if whole else torch.zeros(q.shape, dtype=sd)

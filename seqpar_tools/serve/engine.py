@@ -164,15 +164,9 @@ class Engine:
 
 
 def append(cache: KVCache, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> int:
-    """Store the tokens of ``k, v (H_kv, T, D)`` at positions ``length .. length + T - 1`` of ``slot`` that this
-    rank owns (exactly where :func:`seqpar.decode_attention` stores them), then commit the length; no collective
-    (the placement is a function of the replicated metadata). Capacity was checked by rank 0. Returns the length."""
-    n = cache.lengths[layer][slot]
-    t = k.shape[1]
-    n0 = cache.local_count(slot, n)
-    mine = (cache.owners(slot, torch.arange(n, n + t)) == cache.rank).nonzero().flatten()
-    if mine.numel():
-        cache.k[layer, slot, :, n0:n0 + mine.numel()] = k[:, mine]
-        cache.v[layer, slot, :, n0:n0 + mine.numel()] = v[:, mine]
-    cache.lengths[layer][slot] = n + t
-    return n + t
+    """Store the tokens of ``k, v (H_kv, T, D)`` this rank owns (exactly where :func:`seqpar.decode_attention`
+    stores them: ``KVCache._store``), then commit the length -- no collective: every rank applies the same step.
+    Capacity was checked by rank 0. Returns the length."""
+    cache._store(layer, slot, k, v)
+    cache.lengths[layer][slot] += k.shape[1]
+    return cache.lengths[layer][slot]
