@@ -16,7 +16,9 @@ token's K/V appended in the same request). W = 2 gloo ranks, one thread each.
    arena go through one ``decode_attention`` per layer) and without (``serve.max_batch = 1``: one request
    per step). Also the CPU milliseconds each process spent per request (rank 0, rank 1, the client threads;
    from /proc): on a 2-core machine the ranks and the clients share the cores, so requests/s is bounded by
-   their sum, and what batching can save is the per-step part of it -- not the attention itself.
+   their sum, and what batching can save is the per-step part of it -- not the attention itself. From the two
+   runs at 16 clients the summary fits CPU per request = a + b / (requests per step) and prints the bound
+   (a + b) / a: the most any batch size could gain on this machine.
 
 Writes ``--out`` (JSON, with the load average before and after) and a plot next to it.
 """
@@ -219,6 +221,22 @@ def throughput(context: int, clients: list[int], seconds: float, max_calls: int)
     return rows
 
 
+def cpu_model(rows: list[dict]) -> dict | None:
+    """From a batching and a one-request-per-step run at the same concurrency: CPU ms per request (ranks +
+    clients) = ``a + b / B`` with ``B`` requests per step -- ``b`` the per-step part batching shares out, ``a``
+    what each request costs whatever the batch (attention over its keys, HTTP, framing). ``(a + b) / a`` bounds
+    what batching can gain where the cores are the bottleneck (here: both ranks and the clients on 2 cores)."""
+    by = {r["batching"]: r for r in rows}
+    if set(by) != {True, False} or by[True]["requests_per_step"] <= 1.05:
+        return None
+    cpu = {k: sum(r["cpu_ms_per_request"].values()) for k, r in by.items()}
+    inv = 1 / by[True]["requests_per_step"]
+    b = (cpu[False] - cpu[True]) / (1 - inv)
+    a = cpu[False] - b
+    return {"per_request_ms": round(a, 3), "per_step_ms": round(b, 3),
+            "ratio_bound": round((a + b) / a, 2) if a > 0 else None}
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -265,10 +283,6 @@ def main() -> None:
                             for r in throughput(ctx, clients, a.seconds, a.max_calls)]
     result["loadavg_before"], result["loadavg_after"] = load0, os.getloadavg()
     result["cpus"] = os.cpu_count()
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, os.path.splitext(a.out)[0] + ".png")
     for ctx in result["throughput_contexts"]:
         rows = [r for r in result["throughput"] if r["context"] == ctx]
         one = {r["clients"]: r["requests_per_s"] for r in rows if not r["batching"]}
@@ -276,6 +290,16 @@ def main() -> None:
         if 16 in one and 16 in bat:
             print(f"S={ctx}: batching at 16 clients: {bat[16] / one[16]:.2f}x one request per step "
                   f"({bat[16]:.0f} vs {one[16]:.0f} req/s)")
+            model = cpu_model([r for r in rows if r["clients"] == 16])
+            if model and model["ratio_bound"]:
+                result.setdefault("cpu_model", {})[str(ctx)] = model
+                print(f"S={ctx}: CPU per request (all processes) = {model['per_request_ms']:.2f} ms + "
+                      f"{model['per_step_ms']:.2f} ms / (requests per step): no batch size can give more than "
+                      f"{model['ratio_bound']:.2f}x on CPU time alone")
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.splitext(a.out)[0] + ".png")
     print(f"wrote {a.out}; load average before {load0}, after {result['loadavg_after']}")
 
 
