@@ -4,6 +4,7 @@ refused with the caches unchanged, limits and the token, the load test, a stalle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -584,52 +585,13 @@ def test_engine_batch_over_scattered_slots_is_exact(dist):
     assert max(dist(2, _engine_batch, timeout=120)) < 1e-12
 
 
-def test_under_torchrun_rank_0_serves_and_a_drain_stops_every_rank():
-    """``launch/torchrun.sh serve``: the ranks join torchrun's job, rank 0 serves; SIGTERM to rank 0 drains and
-    stops every rank, and torchrun exits 0."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SEQPAR_SERVE_TOKEN")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", NPROC="2")
-    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), "serve", "--port", "0", "--timeout", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    try:
-        address, seen = None, []
-        while address is None:
-            line = lines.get(timeout=START_S)
-            seen.append(line)
-            if "ready on " in line:
-                address = line.split("ready on ")[1].split()[0]
-        c = Client(address)
-        seq = Seq(1, 4, 2, 8, seed=3)
-        sid = c.create_session(layers=1, heads=4, kv_heads=2, head_dim=8, capacity=64)
-        q, out = _attend(c, sid, seq, 0, 5)
-        assert (out.double() - seq.ref(0, q)[0]).abs().max() <= TOL[torch.float32]
-        assert c.stats()["world_size"] == 2
-        workers = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _environ(d).get("RANK")
-                   and _environ(d).get("TORCHELASTIC_RUN_ID") and proc.pid in _ancestors(int(d.name))]
-        rank0 = [p for p in workers if _environ(Path(f"/proc/{p}"))["RANK"] == "0"]
-        assert len(workers) == 2 and len(rank0) == 1, workers
-        os.kill(rank0[0], signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, "".join(seen)
-        wait_for(lambda: not any(alive(p) for p in workers), 30, "workers gone")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
-@pytest.mark.timeout(START_S + 90)
-def test_under_mpirun_rank_0_serves_and_sigterm_drains():
-    """``launch/mpirun.sh serve``: the ranks join the MPI job (gloo bootstrapped through mpi4py), rank 0 serves an
-    exact answer; SIGTERM to the launcher (forwarded to every rank: rank 0 drains, the others wait for its stop
-    step) ends the job with 0 and leaves no rank behind."""
-    from test_mpi import _need_mpi
-
-    mpiexec = _need_mpi()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SEQPAR_SERVE_TOKEN")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", NP="2", MPIEXEC=mpiexec, PYTHON=sys.executable)
-    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "mpirun.sh"), "serve", "--port", "0", "--timeout", "20"],
+@contextlib.contextmanager
+def _launched(script: str, env: dict, seed: int):
+    """``launch/<script> serve`` started in its own process group: gives ``(proc, output lines so far)`` once rank 0
+    served one exact attend (and reports two ranks); the group is killed if the test leaves it running."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SEQPAR_SERVE_TOKEN")},
+           "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / script), "serve", "--port", "0", "--timeout", "20"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
     lines: queue.Queue[str] = queue.Queue()
@@ -642,22 +604,52 @@ def test_under_mpirun_rank_0_serves_and_sigterm_drains():
             if "ready on " in line:
                 address = line.split("ready on ")[1].split()[0]
         c = Client(address)
-        seq = Seq(1, 4, 2, 8, seed=4)
+        seq = Seq(1, 4, 2, 8, seed=seed)
         sid = c.create_session(layers=1, heads=4, kv_heads=2, head_dim=8, capacity=64)
         q, out = _attend(c, sid, seq, 0, 5)
         assert (out.double() - seq.ref(0, q)[0]).abs().max() <= TOL[torch.float32]
         assert c.stats()["world_size"] == 2
-        ranks = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-                 and "seqpar_tools serve" in _cmdline(int(d.name)) and proc.pid in _ancestors(int(d.name))
-                 and "mpi4py" in _cmdline(int(d.name))]
-        assert len(ranks) == 2, ranks
-        os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / a scheduler's stop does to the job
-        assert proc.wait(timeout=60) == 0, "".join(seen)
-        wait_for(lambda: not any(alive(p) for p in ranks), 30, "ranks gone")
+        yield proc, seen
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def _launched_ranks(proc, marker: str) -> list[int]:
+    """Pids of the launcher's rank processes (descendants of ``proc`` whose command line or environment shows it)."""
+    return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and proc.pid in _ancestors(int(d.name))
+            and "seqpar_tools serve" in _cmdline(int(d.name)) and (marker in _cmdline(int(d.name))
+                                                                   or _environ(d).get(marker))]
+
+
+@pytest.mark.timeout(START_S + 90)
+def test_under_torchrun_rank_0_serves_and_a_drain_stops_every_rank():
+    """``launch/torchrun.sh serve``: the ranks join torchrun's job, rank 0 serves; SIGTERM to rank 0 drains and
+    stops every rank, and torchrun exits 0."""
+    with _launched("torchrun.sh", {"NPROC": "2"}, seed=3) as (proc, seen):
+        workers = _launched_ranks(proc, "TORCHELASTIC_RUN_ID")
+        rank0 = [p for p in workers if _environ(Path(f"/proc/{p}"))["RANK"] == "0"]
+        assert len(workers) == 2 and len(rank0) == 1, workers
+        os.kill(rank0[0], signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "".join(seen)
+        wait_for(lambda: not any(alive(p) for p in workers), 30, "workers gone")
+
+
+@pytest.mark.timeout(START_S + 90)
+def test_under_mpirun_rank_0_serves_and_sigterm_drains():
+    """``launch/mpirun.sh serve``: the ranks join the MPI job (gloo bootstrapped through mpi4py), rank 0 serves an
+    exact answer; SIGTERM to the launcher (forwarded to every rank: rank 0 drains, the others wait for its stop
+    step) ends the job with 0 and leaves no rank behind."""
+    from test_mpi import _need_mpi
+
+    mpiexec = _need_mpi()
+    with _launched("mpirun.sh", {"NP": "2", "MPIEXEC": mpiexec, "PYTHON": sys.executable}, seed=4) as (proc, seen):
+        ranks = _launched_ranks(proc, "mpi4py")
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, signal.SIGTERM)  # what Ctrl-C / a scheduler's stop does to the job
+        assert proc.wait(timeout=60) == 0, "".join(seen)
+        wait_for(lambda: not any(alive(p) for p in ranks), 30, "ranks gone")
 
 
 def _cmdline(pid: int) -> str:
