@@ -84,8 +84,9 @@ def _local_step(cache: KVCache, layer, slots, q, k_new, v_new, scale, window_siz
     new_counts = [cache._store(layer, s, k_new[i], v_new[i]) for i, s in enumerate(slots)]
     runs = _runs(slots)
     whole = len(runs) == 1 and runs[0] == list(range(b))  # the batch is one run, in order: no row copies
-    out = q.new_zeros(q.shape, dtype=sd) if whole else torch.zeros(q.shape, dtype=sd)
-    lse = torch.full((b, h, t), NEG_INF, dtype=sd)
+    dev = q.device  # the cache's (checked)
+    out = q.new_zeros(q.shape, dtype=sd)
+    lse = torch.full((b, h, t), NEG_INF, dtype=sd, device=dev)
     local = []
     for run in runs:
         s0, nb = slots[run[0]], len(run)
@@ -93,16 +94,17 @@ def _local_step(cache: KVCache, layer, slots, q, k_new, v_new, scale, window_siz
         n = max(counts)
         kk, vv = cache.k[layer, s0:s0 + nb, :, :n], cache.v[layer, s0:s0 + nb, :, :n]  # views
         pos = cache.pos[s0:s0 + nb, :n]  # (nb, n) global positions of the local keys
-        qpos = torch.tensor([lens[i] for i in run]).unsqueeze(-1) + torch.arange(t)  # (nb, T)
+        qpos = torch.tensor([lens[i] for i in run], device=dev).unsqueeze(-1) + torch.arange(t, device=dev)  # (nb, T)
         mask = None
         if n and (not all(c == n for c in counts) or not bool((pos[:, -1] <= qpos[:, 0]).all())
                   or window_size is not None or key_padding_mask is not None):
-            m = (torch.arange(n).unsqueeze(0) < torch.tensor(counts).unsqueeze(-1)).unsqueeze(1)  # (nb, 1, n)
+            m = (torch.arange(n, device=dev).unsqueeze(0)
+                 < torch.tensor(counts, device=dev).unsqueeze(-1)).unsqueeze(1)  # (nb, 1, n)
             m = m & (pos.unsqueeze(1) <= qpos.unsqueeze(-1))  # causal (nb, T, n)
             if window_size is not None:
                 m = m & (qpos.unsqueeze(-1) - pos.unsqueeze(1) <= window_size)
             if key_padding_mask is not None:
-                kpm = key_padding_mask.to(torch.bool)[run]
+                kpm = key_padding_mask.to(device=dev, dtype=torch.bool)[run]
                 m = m & kpm.gather(1, pos.clamp(0, kpm.shape[1] - 1)).unsqueeze(1)
             mask = m.unsqueeze(1)  # (nb, 1, T, n)
         local.append((run, kk, pos, mask))
@@ -127,6 +129,8 @@ def _check(cache: KVCache, layer, slots, q, k_new, v_new, key_padding_mask) -> N
     checks.check_qkv(q, k_new, v_new, r)
     if q.dtype != cache.dtype:
         raise ValueError(f"rank {r}: q.dtype={q.dtype} but the cache holds {cache.dtype}")
+    if q.device != cache.k.device:
+        raise ValueError(f"rank {r}: q is on {q.device} but the cache is on {cache.k.device}")
     if not isinstance(layer, int) or not (0 <= layer < cache.num_layers):
         raise ValueError(f"rank {r}: layer={layer!r}; allowed 0..{cache.num_layers - 1}")
     cache._check_slots(slots)
@@ -224,7 +228,7 @@ def decode_attention(
     """
     comm = cache.comm
     error, shape, out_r, lse_r, local = None, (0, 0, 0), None, None, None
-    head = torch.zeros(_NH, dtype=stat_dtype(cache.dtype))
+    head = torch.zeros(_NH, dtype=stat_dtype(cache.dtype), device=cache.k.device)
     with torch.no_grad():
         try:  # every local failure becomes an error flag in the collective: no rank is left waiting
             slots = cache.live_slots() if slots is None else [int(s) for s in slots]
@@ -232,7 +236,7 @@ def decode_attention(
             scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
             lens = [cache.lengths[layer][s] for s in slots]
             head = _header(_OK, q, k_new, v_new, layer, scale, window_size, key_padding_mask, slots, lens).to(
-                head.dtype)
+                head.device, head.dtype)
             out_r, lse_r, local = _local_step(cache, layer, slots, q, k_new, v_new, scale, window_size,
                                               key_padding_mask)
             shape = tuple(q.shape[:3])
@@ -280,7 +284,7 @@ def _combine(comm, combine, head, out_r, lse_r, cap, d, ok, bd):
     """
     n_cap = math.prod(cap)
     if combine == "allgather":
-        buf = torch.zeros(_NH + n_cap * (d + 1), dtype=bd)
+        buf = torch.zeros(_NH + n_cap * (d + 1), dtype=bd, device=head.device)
         buf[:_NH] = head
         if ok:
             n = out_r.shape[:3].numel()
@@ -296,7 +300,7 @@ def _combine(comm, combine, head, out_r, lse_r, cap, d, ok, bd):
         lses = [table[r, _NH + n_cap * d:_NH + n_cap * d + n].view(b, h, t).to(sd) for r in range(comm.world_size)]
         return merge_many(outs, lses)
     # allreduce: MAX of [head | -head | lse], then SUM of [w out | w] (this step's size: the shape is agreed)
-    buf = torch.full((2 * _NH + n_cap,), NEG_INF, dtype=bd)
+    buf = torch.full((2 * _NH + n_cap,), NEG_INF, dtype=bd, device=head.device)
     buf[:_NH], buf[_NH:2 * _NH] = head, -head
     if ok:
         buf[2 * _NH:2 * _NH + lse_r.numel()] = lse_r.reshape(-1)
@@ -321,7 +325,7 @@ def _weights(q, local, lse, scale) -> torch.Tensor:
     sd = stat_dtype(q.dtype)
     b, h, t, _ = q.shape
     n = max(kk.shape[2] for _, kk, _, _ in local)
-    w = torch.zeros(b, h, t, n, dtype=q.dtype)
+    w = q.new_zeros(b, h, t, n)
     for run, kk, _, mask in local:
         g = h // kk.shape[1]
         s = q[run].to(sd) @ kk.to(sd).repeat_interleave(g, dim=1).transpose(-1, -2) * scale
