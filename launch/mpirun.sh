@@ -19,11 +19,12 @@
 #   HOSTS            comma-separated hosts        HOSTFILE     a host file (MPICH -f, Open MPI --hostfile)
 #   OMP_NUM_THREADS  CPU threads per rank (1; passed to every rank: -genv for MPICH, -x for Open MPI)
 #   CONFIG           config for `seqpar run` (configs/mpi.toml)
-#   PYTHON           interpreter (python)         MPI_ARGS     extra launcher flags
+#   PYTHON           interpreter (the `python` on PATH here, as an absolute path: a launcher that is itself a
+#                    shim -- pyenv's mpiexec -- may change PATH for the ranks)     MPI_ARGS  extra launcher flags
 #   DRY_RUN=1        print the command instead of running it
 set -euo pipefail
 
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || echo python)}
 NP=${NP:-2}
 MPIEXEC=${MPIEXEC:-mpiexec}
 CONFIG=${CONFIG:-configs/mpi.toml}

@@ -233,6 +233,7 @@ class Client:
                                                    "capacity": capacity})["session"]
 
     def delete_session(self, session: str) -> None:
+        """Free the session's slot (404 -> :class:`ServeError` if unknown)."""
         self._json("DELETE", f"/v1/sessions/{session}")
 
     def append(self, session: str, layer: int, k: Any, v: Any) -> int:
@@ -249,8 +250,9 @@ class Client:
         One layer (an int): ``q (H, T, D)`` or ``(1, H, T, D)``, ``k, v (H_kv, T, D)`` or with the leading 1.
         Several layers (a list of L): ``q (L, H, T, D)``, ``k, v (L, H_kv, T, D)``; computed in one step.
         Returns ``out`` shaped like ``q``, plus ``lse`` (``q``'s shape without D, float32) with ``return_lse``,
-        plus with ``return_weights`` a list with one ``(positions (n_r,), weights (L, H, T, n_r))`` per rank:
-        each rank's shard of the attention weights over the global key positions it holds.
+        plus with ``return_weights`` a list with one ``(positions (n_r,), weights (L, H, T, n_r))`` per rank
+        (``(H, T, n_r)`` when ``q`` is): each rank's shard of the attention weights over the global key positions
+        it holds.
         """
         one = isinstance(layers, int)
         lead = 1 if one and (q.ndim == 4) else 0
@@ -269,7 +271,8 @@ class Client:
         if return_lse:
             res.append(lse)
         if return_weights:
-            res.append([(ts[f"pos{r}"], ts[f"w{r}"]) for r in range(head["world_size"])])
+            res.append([(ts[f"pos{r}"], ts[f"w{r}"][0] if one and not lead else ts[f"w{r}"])
+                        for r in range(head["world_size"])])
         return res[0] if len(res) == 1 else tuple(res)
 
     def attend_many(self, sessions: list[str], layers: int | list[int], q: Any, k: Any, v: Any, *,

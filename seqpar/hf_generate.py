@@ -55,12 +55,31 @@ class SeqparLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, kv: KVCache, layer_idx: int, slots: list[int]):
+    attention = NAME  # the attn_implementation whose function consumes this layer's K/V
+
+    def __init__(self, kv: KVCache, layer_idx: int, slots: list[int], config: Any = None):
         super().__init__()
-        self.kv, self.layer_idx, self.slots = kv, layer_idx, slots
+        self.kv, self.layer_idx, self.slots, self.config = kv, layer_idx, slots, config
         self.is_initialized = True
         self.batch_size = len(slots)
         self.prompt_len: int | None = None  # set while prefill() runs the sharded prompt
+        self.handed: torch.Tensor | None = None
+
+    def _hand(self, key_states: torch.Tensor) -> None:
+        """Tag the new K/V for the attention function -- after checking that the model's attention IS that function:
+        any other (e.g. ``sdpa``) would attend the new tokens only, with this cache's keys skipped, a silently wrong
+        result. Checked from the model's config, and from the last K/V handed out (never consumed: some other
+        function attended them)."""
+        impl = getattr(self.config, "_attn_implementation", None)
+        unconsumed = self.handed is not None and getattr(self.handed, "_seqpar_layer", None) is self
+        if (impl is not None and impl != self.attention) or unconsumed:
+            raise ValueError(
+                f"{self.attention}: the model's attention implementation is {impl!r}, not {self.attention!r}: it "
+                "would skip the K/V in this cache (a wrong result). Build the model with "
+                f"attn_implementation={self.attention!r} (note: transformers rewrites the attention implementation of "
+                "a config object another model is later built from)")
+        key_states._seqpar_layer = self  # read by the attention function (the only consumer of these tensors)
+        self.handed = key_states
 
     def lazy_initialization(self, key_states, value_states) -> None:  # storage is preallocated
         return None
@@ -73,7 +92,7 @@ class SeqparLayer(CacheLayerMixin):
         if self.prompt_len is not None:
             self.kv.prefill(self.layer_idx, self.slots, key_states, value_states, self.prompt_len)
             return key_states, value_states
-        key_states._seqpar_layer = self  # read by attention_forward (the only consumer of these tensors)
+        self._hand(key_states)
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -128,7 +147,7 @@ class SeqparCache(Cache):
                           kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, placement=placement,
                           block_size=block_size, combine=combine, group=group)
         self.slots = self.kv.allocate(batch_size)
-        super().__init__(layers=[SeqparLayer(self.kv, i, self.slots) for i in range(text.num_hidden_layers)])
+        super().__init__(layers=[SeqparLayer(self.kv, i, self.slots, text) for i in range(text.num_hidden_layers)])
 
 
 def prefill(model: Any, input_ids: torch.Tensor, cache: SeqparCache, *, group: Any = None) -> int:

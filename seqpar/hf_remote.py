@@ -40,14 +40,16 @@ NAME = "seqpar_remote"
 class RemoteLayer(hg.SeqparLayer):
     """Layer ``layer_idx`` of a :class:`RemoteCache`: the length is counted here, the K/V live on the service."""
 
+    attention = NAME
+
     def __init__(self, cache: RemoteCache, layer_idx: int):
         CacheLayerMixin.__init__(self)
-        self.remote, self.layer_idx = cache, layer_idx
+        self.remote, self.layer_idx, self.config, self.handed = cache, layer_idx, cache.text_config, None
         self.is_initialized, self.batch_size, self.prompt_len = True, len(cache.sessions), None
         self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        key_states._seqpar_layer = self  # read by attention_forward, which sends them with the queries
+        self._hand(key_states)  # read by attention_forward, which sends them with the queries
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -83,7 +85,7 @@ class RemoteCache(Cache):
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         dtype = dtype or getattr(text, "dtype", None) or torch.float32
         dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-        self.client, self.max_cache_len = client, max_cache_len
+        self.client, self.max_cache_len, self.text_config = client, max_cache_len, text
         self.sessions: list[str] = []
         try:
             for _ in range(batch_size):

@@ -103,3 +103,24 @@ def test_model_without_seqpar_cache_is_refused():
     model = _model(hg.NAME)
     with pytest.raises(ValueError, match="SeqparCache"), torch.no_grad():
         model(torch.randint(1, V, (1, 8)), use_cache=False)
+
+
+def _cache_with_another_attention(rank, world_size):
+    """The trap: a second model built from the same config object switches it to ``sdpa``; generating with a
+    SeqparCache would attend the new tokens only (this cache skipped). It must raise, not return tokens."""
+    import seqpar.hf_generate as hg
+
+    model = _model(hg.NAME)
+    transformers.AutoModelForCausalLM.from_config(model.config, attn_implementation="sdpa")  # rewrites model.config
+    ids, _ = _prompts(False)
+    cache = hg.SeqparCache(model.config, batch_size=1, max_cache_len=64, block_size=16)
+    try:
+        _generate(model, ids[:, :16], None, cache)
+    except ValueError as e:
+        return str(e)
+    return "generated"
+
+
+def test_a_model_whose_attention_is_not_seqpar_is_refused(dist):
+    for msg in dist(2, _cache_with_another_attention, timeout=120):
+        assert "implementation is 'sdpa', not 'seqpar_decode'" in msg, msg

@@ -157,7 +157,8 @@ def test_exact_against_the_float64_formula(service):
             if seq.k[0].shape[1] > 16:  # past the first round-robin block: both ranks hold keys
                 assert all(len(p) for p, _ in shards)
             for p, ws in shards:
-                w[..., p] = ws[0].double()
+                assert ws.shape == (seq.h, t, len(p))  # like q: no layer dimension for one layer
+                w[..., p] = ws.double()
             assert (w - rw).abs().max() <= TOL[seq.dtype]
     # several layers in one request; numpy in, numpy out; a custom scale
     s, seq = sessions[0], seqs[0]
@@ -171,6 +172,8 @@ def test_exact_against_the_float64_formula(service):
         ro, _, _ = seq.ref(layer, q[layer], scale=0.3)
         assert np.abs(out[layer] - ro.numpy()).max() <= TOL[seq.dtype]
     st = c.stats()
+    for s, seq in zip(sessions, seqs):  # every open session listed (an id a timed-out create never returned too)
+        assert st["session_ids"][s] == {"length": seq.k[0].shape[1], "capacity": 300}, st["session_ids"]
     used = [r["used_tokens"] for r in st["ranks"]]
     assert sum(used) >= sum(sum(x.shape[1] for x in seq.k) for seq in seqs) and min(used) > 0
     for s in sessions:
@@ -494,6 +497,24 @@ def test_hf_generation_with_the_cache_on_the_service(service, batch, prompt, new
     err = ((logits - want_logits).abs().amax(-1) / want_logits.abs().amax(-1)).max().item()
     assert err < 1e-5, err
     assert all(held) and sum(held) >= 2 * batch * (prompt + new - 1)  # both ranks hold part of both layers' K/V
+
+
+def test_hf_remote_cache_under_another_attention_is_refused(service):
+    """A RemoteCache given to a model whose attention is not seqpar_remote (here: a second model built from the same
+    config object switched it to sdpa) would attend the new tokens only -- it raises instead of generating."""
+    transformers = pytest.importorskip("transformers")
+    import seqpar.hf_remote as hr
+
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    remote = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=hr.NAME).eval()
+    transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")  # rewrites the shared config
+    with service.client() as c:
+        cache = hr.RemoteCache(remote.config, c, max_cache_len=32)
+        with pytest.raises(ValueError, match="implementation is 'sdpa', not 'seqpar_remote'"), torch.no_grad():
+            remote.generate(torch.ones(1, 8, dtype=torch.long), cache=cache, max_new_tokens=4, do_sample=False)
+        cache.close()
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0():

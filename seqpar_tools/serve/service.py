@@ -670,6 +670,8 @@ class Service:
         return {
             "address": self.address, "world_size": self.world_size, "sessions": len(self.engine.sessions),
             "arenas": len(self.engine.arenas), "capacity_tokens_per_rank": self.cfg.capacity_tokens,
+            "session_ids": {sid: {"length": s.length(0), "capacity": s.spec["capacity"]}
+                            for sid, s in list(self.engine.sessions.items())},
             "ranks": [{"rank": r, "used_tokens": self.engine.used(r), "reserved_tokens": reserved,
                        "free_tokens": self.cfg.capacity_tokens - reserved} for r in range(self.world_size)],
             "requests": counts,
