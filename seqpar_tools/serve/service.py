@@ -285,8 +285,11 @@ class Service:
             try:
                 answer = await p.fut
                 resp = self._respond(*answer)
-                await resp.prepare(request)
-                await resp.write_eof()
+                try:
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                except ConnectionError:  # the client left (e.g. its timeout) before its answer: nothing to send to
+                    pass
                 return resp
             finally:
                 self.responding -= 1
