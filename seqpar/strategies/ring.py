@@ -21,7 +21,7 @@ import torch
 
 from seqpar.comm import RingComm
 from seqpar.ops.lse import stat_dtype
-from seqpar.ops.tiled import tiled_backward, tiled_forward
+from seqpar.ops.tiled import backward_blocks, tiled_backward, tiled_forward
 from seqpar.strategies.setup import Setup
 
 
@@ -50,18 +50,20 @@ class RingAttention(torch.autograd.Function):
         qt = setup.tokens[rank]
         ring = RingComm(setup.comm)
         kb, vb = _pad(k, n), _pad(v, n)
+        spare = (None, None)
         acc = None
         for step in range(w):
             src = (rank - step) % w
             if step + 1 < w:
-                nk, nv = ring.send_recv(kb), ring.send_recv(vb)
+                nk, nv = ring.send_recv(kb, spare[0]), ring.send_recv(vb, spare[1])
                 ring.commit()
             m = setup.sizes[src]
             acc = tiled_forward(q, kb[:, :, :m], vb[:, :, :m], qt, setup.tokens[src], setup.spec, setup.scale, acc)
             if step + 1 < w:
                 ring.wait()
+                spare = _spare(kb, k), _spare(vb, v)
                 kb, vb = nk, nv
-        del kb, vb
+        del kb, vb, spare
         out, lse = acc
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -77,34 +79,61 @@ class RingAttention(torch.autograd.Function):
         sd = stat_dtype(q.dtype)
         kv_ring, d_ring = RingComm(setup.comm), RingComm(setup.comm)
         kb, vb = _pad(k, n), _pad(v, n)
+        spare = (None, None)
         dq = torch.zeros(q.shape, dtype=sd, device=q.device)
-        scratch = torch.zeros(2, *k.shape[:2], n, k.shape[3], dtype=sd, device=k.device)  # this step's dK/dV
-        dkv = d_in = None  # accumulator for the K/V of `src` (2, B, H_kv, n, D) float32, and the next one
+        # dK/dV accumulator (2, B, H_kv, n, D) of the K/V in hand: ours first; then, from step 1 on, the one that
+        # arrives from prev (sent at the end of its previous step) into the buffer whose send has completed.
+        dkv = torch.zeros(2, *k.shape[:2], n, k.shape[3], dtype=sd, device=k.device)
+        d_in = free = None
         for step in range(w):
             src = (rank - step) % w
             if step + 1 < w:
-                nk, nv = kv_ring.send_recv(kb), kv_ring.send_recv(vb)
+                nk, nv = kv_ring.send_recv(kb, spare[0]), kv_ring.send_recv(vb, spare[1])
                 kv_ring.commit()
             m = setup.sizes[src]
-            g = scratch[:, :, :, :m]
-            g.zero_()
-            tiled_backward(dout, q, kb[:, :, :m], vb[:, :, :m], out, lse, qt, setup.tokens[src], setup.spec,
-                           setup.scale, acc=(dq, g[0], g[1]))
+            args = (dout, q, kb[:, :, :m], vb[:, :, :m], out, lse, qt, setup.tokens[src], setup.spec, setup.scale)
             if step == 0:
-                dkv, scratch = scratch, torch.zeros_like(scratch)  # our own block's: the first accumulator
-            else:
-                d_ring.wait()  # src's accumulator, sent by prev at the end of its previous step
-                dkv = d_in
-                dkv[:, :, :, :m] += g
+                tiled_backward(*args, acc=(dq, dkv[0, :, :, :m], dkv[1, :, :, :m]))
+            else:  # src's accumulator arrives while this runs: the block grads wait for it (up to its size)
+                held, size = [], 0
+                for part in backward_blocks(*args, dq):
+                    held.append(part)
+                    size += 2 * part[1].nbytes
+                    del part
+                    if d_in is not None and size > dkv.nbytes:  # holding more would cost more than it saves
+                        d_ring.wait()
+                        free, dkv, d_in = dkv, d_in, None
+                    if d_in is None:
+                        _add(dkv, held)
+                if d_in is not None:
+                    d_ring.wait()
+                    free, dkv, d_in = dkv, d_in, None
+                _add(dkv, held)
             if step + 1 < w:
                 kv_ring.wait()
+                spare = _spare(kb, k), _spare(vb, v)
                 kb, vb = nk, nv
+            else:
+                kb = vb = spare = None
             if w > 1:
-                d_in = d_ring.send_recv(dkv)
+                d_in = d_ring.send_recv(dkv, free)  # free: the accumulator sent at the end of the previous step
                 d_ring.commit()
-        del kb, vb, scratch
+                free = None
         if w > 1:
             d_ring.wait()  # after W steps the accumulator of our own K/V has come home
             dkv = d_in
         m = setup.sizes[rank]
         return dq.to(q.dtype), dkv[0, :, :, :m].to(q.dtype), dkv[1, :, :, :m].to(q.dtype), None
+
+
+def _add(dkv: torch.Tensor, parts: list) -> None:
+    """Add block grads ``(key slice, dk, dv)`` into the accumulator ``dkv (2, B, H_kv, n, D)``; empties ``parts``."""
+    for ks, gk, gv in parts:
+        dkv[0, :, :, ks] += gk
+        dkv[1, :, :, ks] += gv
+    parts.clear()
+
+
+def _spare(buf: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """A K/V buffer whose send has completed, to receive the next one in: any but the caller's own tensor."""
+    return None if buf is own else buf
