@@ -7,12 +7,19 @@
                   (out, lse) <- merge(attend(q, K_src, V_src))      empty blocks skipped
                   wait; swap
     backward  same ring; dK/dV accumulators (float32) travel one step behind their K/V:
-                  start K/V transfer; block backward for src; wait for src's dK/dV from prev;
-                  add; start sending them on.  After W steps they are home.
+                  start K/V transfer; block backward for src (its dK/dV held, up to one accumulator's
+                  worth, until src's accumulator is in from prev); add; start sending it on.  After W
+                  steps they are home.
 
 Bytes per rank: ``(W-1) * |k + v|`` forward (padded to the longest shard), plus
-``W * |dk + dv|`` (float32) backward.  Memory: two K/V buffers; backward also two float32 dK/dV buffers
-and one in flight.
+``W * |dk + dv|`` (float32) backward.
+
+Memory per rank above the inputs (``U`` = ``|k|`` padded, float32; measured with torch's allocation events,
+``tests/test_ring_memory.py``): forward ``out`` accumulator U + K/V arriving 2U + one block; backward, at its
+peak, ``out`` U + dq U + K/V in hand 2U (+ K/V arriving 2U when W > 2) + the dK/dV accumulator in flight 2U
++ the one arriving 2U + one kernel call (its dq, dk, dv and its own copy of one input). At S=32768, H=2, D=64,
+W=2 (U = 8 MiB): 89 MiB (was 113: a float32 dK/dV scratch, re-allocated once, and contiguous copies of
+dout/out per block). Receive buffers are reused once their send has completed.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ class RingAttention(torch.autograd.Function):
     ============  ========================  ===============================
 
     Memory: K and V travel as they are (no stacked copy; padded only when shards are uneven); the backward
-    adds each block's dK/dV into one reused float32 scratch and dq in place (no per-step gradient buffers).
+    adds dq in place and each block's dK/dV, as the kernel returns them, into the accumulator of their K/V
+    (no scratch, no per-step gradient buffers).
     """
 
     @staticmethod
