@@ -85,7 +85,7 @@ def allocated_peak(fn, inside: str | None = None) -> tuple[int, int]:
     started, and the largest rise of that count within one call of the op named ``inside`` (its own buffers and
     outputs; 0 without ``inside``). From ``torch.profiler``'s memory events (``profile_memory=True``): what torch
     asks the allocator for, without what the C allocator keeps -- the schedule's own budget, which
-    :class:`PeakMemory` (resident size) adds the heap's retention to. CPU and CUDA tensors alike; slow (profiled)."""
+    :class:`PeakMemory` (resident size) adds the heap's retention to. Slow (profiled); used on CPU tensors."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
