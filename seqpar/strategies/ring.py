@@ -17,7 +17,7 @@ Bytes per rank: ``(W-1) * |k + v|`` forward (padded to the longest shard), plus
 Memory per rank above the inputs (``U`` = ``|k|`` padded, float32; measured with torch's allocation events,
 ``tests/test_ring_memory.py``): forward ``out`` accumulator U + K/V arriving 2U + one block; backward, at its
 peak, ``out`` U + dq U + K/V in hand 2U (+ K/V arriving 2U when W > 2) + the dK/dV accumulator in flight 2U
-+ the one arriving 2U + one kernel call (its dq, dk, dv and its own copy of one input). At S=32768, H=2, D=64,
++ the one arriving 2U + one kernel call (its dq, dk, dv and its own copy of dout). At S=32768, H=2, D=64,
 W=2 (U = 8 MiB): 89 MiB (was 113: a float32 dK/dV scratch, re-allocated once, and contiguous copies of
 dout/out per block). Receive buffers are reused once their send has completed.
 """
