@@ -80,6 +80,33 @@ class PeakMemory:
         return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def allocated_peak(fn, inside: str | None = None) -> tuple[int, int]:
+    """``(peak, rise)``: the most bytes of torch tensors alive at once during ``fn()`` above those alive when it
+    started, and the largest rise of that count within one call of the op named ``inside`` (its own buffers and
+    outputs; 0 without ``inside``). From ``torch.profiler``'s memory events (``profile_memory=True``): what torch
+    asks the allocator for, without what the C allocator keeps -- the schedule's own budget, which
+    :class:`PeakMemory` (resident size) adds the heap's retention to. Slow (profiled); used on CPU tensors."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = list(prof.profiler.kineto_results.events())
+    mems = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name() == inside)
+    live = peak = rise = 0
+    i, start = 0, None  # the call of ``inside`` in progress: the live count when it began
+    for t, n in mems:
+        while i < len(spans) and spans[i][1] < t:
+            i, start = i + 1, None
+        if start is None and i < len(spans) and spans[i][0] <= t:
+            start = live
+        live += n
+        peak = max(peak, live)
+        if start is not None:
+            rise = max(rise, live - start)
+    return peak, rise
+
+
 # --- before the job: will it fit? ---------------------------------------------------------------------
 
 _BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}

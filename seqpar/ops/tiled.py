@@ -19,6 +19,8 @@ Shapes::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from seqpar.ops.kernels import attention_backward, attention_forward, candidates
@@ -105,13 +107,37 @@ def tiled_backward(
         acc = (torch.zeros(q.shape, dtype=sd, device=q.device), torch.zeros(k.shape, dtype=sd, device=k.device),
                torch.zeros(v.shape, dtype=sd, device=v.device))
     dq, dk, dv = acc
-    for blk in todo:
+    for ks, gk, gv in backward_blocks(dout, q, k, v, out, lse, qt, kt, spec, scale, dq, todo):
+        dk[:, :, ks] += gk
+        dv[:, :, ks] += gv
+        del gk, gv
+    return dq, dk, dv
+
+
+def backward_blocks(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    qt: Tokens,
+    kt: Tokens,
+    spec: MaskSpec,
+    scale: float,
+    dq: torch.Tensor,
+    todo: list[Block] | None = None,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """:func:`tiled_backward` one block at a time: adds each block's dq into ``dq`` (float32/float64, in place)
+    and yields ``(key slice, dk, dv)`` of the block as the kernel returned them (float32/float64,
+    ``(B, H_kv, len(slice), D)``), for the caller to add where it wants (ring: into an accumulator that is
+    still in flight when the block is done)."""
+    for blk in blocks(qt, kt, spec) if todo is None else todo:
         gq, gk, gv = attention_backward(
             dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], out[:, :, blk.q], lse[:, :, blk.q],
             scale=scale, mask=blk.mask, is_causal=blk.is_causal,
         )
         dq[:, :, blk.q] += gq
-        dk[:, :, blk.k] += gk
-        dv[:, :, blk.k] += gv
-        del gq, gk, gv
-    return dq, dk, dv
+        del gq
+        yield blk.k, gk, gv
+        del gk, gv  # not held here while the next block runs (the caller drops its references too)

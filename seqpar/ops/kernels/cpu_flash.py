@@ -70,8 +70,9 @@ def _lost_nan(lse: torch.Tensor, mask: torch.Tensor | None) -> bool:
 def backward(dout, q, k, v, out, lse, *, scale, mask=None, is_causal=False):
     q, k, v, dout, out = _upcast(q, k, v, dout, out)
     sd = stat_dtype(q.dtype)
-    return _BWD(dout.contiguous(), q, k, v, out.contiguous(), lse.to(sd), 0.0, is_causal,
-                attn_mask=_float_mask(mask, sd), scale=scale)
+    # dout and out as they come (the op reads any strides; it makes its own (B, S, H, D) copy of dout, torch 2.13):
+    # a contiguous copy here would add 2 * |out| of the block to the backward's peak.
+    return _BWD(dout, q, k, v, out, lse.to(sd), 0.0, is_causal, attn_mask=_float_mask(mask, sd), scale=scale)
 
 
 def _refuses(q, k, v, kind):
