@@ -5,7 +5,10 @@
 Each repeat starts together (a max-reduction of 0.0 lines the ranks up), times ``fn()`` on every rank
 (CUDA synchronised), and keeps the slowest rank's time; the reported figure is the median of those. With
 ``comm=None`` (one process: the single-process baseline) the same rule applies to the one process.
-``nbytes`` is what this rank sent in the first call (``Communicator.bytes_sent``).
+``nbytes`` is what this rank sent in the first call (``Communicator.bytes_sent``). The previous call's result
+is dropped before each call, so a peak-memory reading around ``timed`` is that of one call whatever ``fn``
+returns (before 2026-11-29 the single-process SDPA baseline, which returns its outputs and gradients, was
+measured holding one extra set of them: its peak read 64 MiB high at S=32k, H=2, D=64).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def timed(fn: Callable[[], Any], comm, device, warmup: int, repeats: int) -> tup
         max_over_ranks(comm, device, 0.0)  # start together
         if comm is not None:
             comm.reset_stats()
+        result = None  # see the module docstring
         t0 = time.perf_counter()
         result = fn()
         if device.type == "cuda":
