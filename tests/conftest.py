@@ -28,3 +28,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def kernel_registry_reset(monkeypatch):
+    """The kernel registry as a fresh process has it (no SEQPAR_KERNEL, no choices cached), before and after."""
+    from seqpar.ops import kernels
+
+    monkeypatch.delenv("SEQPAR_KERNEL", raising=False)
+    kernels.reset()
+    yield
+    kernels.reset()

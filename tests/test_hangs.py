@@ -228,6 +228,16 @@ def test_ranks_calling_different_functions_raise_on_every_rank(dist):
 PEER_TIMEOUT_S = 3.0
 
 
+def _timed_out(call, what: str) -> tuple[str, float]:
+    """``(PeerTimeout's message, seconds)`` of ``call()``, or ``(what, seconds)`` when it returned."""
+    t0 = time.monotonic()
+    try:
+        call()
+    except PeerTimeout as e:
+        return (str(e), time.monotonic() - t0)
+    return (what, time.monotonic() - t0)
+
+
 def _backward_on_one_rank(rank, world_size, strategy):
     set_timeout(PEER_TIMEOUT_S)
     g = torch.Generator().manual_seed(0)
@@ -235,12 +245,7 @@ def _backward_on_one_rank(rank, world_size, strategy):
     out = seqpar.attention(q, k, v, is_causal=True, strategy=strategy)
     if rank == 0:
         return ("skipped backward", 0.0)
-    t0 = time.monotonic()
-    try:
-        out.sum().backward()
-    except PeerTimeout as e:
-        return (str(e), time.monotonic() - t0)
-    return ("backward returned", time.monotonic() - t0)
+    return _timed_out(lambda: out.sum().backward(), "backward returned")
 
 
 def _kv_backward_on_one_rank(rank, world_size):
@@ -250,24 +255,14 @@ def _kv_backward_on_one_rank(rank, world_size):
     out = seqpar.kv_sharded_attention(q, k, v)
     if rank == 0:
         return ("skipped backward", 0.0)
-    t0 = time.monotonic()
-    try:
-        out.sum().backward()
-    except PeerTimeout as e:
-        return (str(e), time.monotonic() - t0)
-    return ("backward returned", time.monotonic() - t0)
+    return _timed_out(lambda: out.sum().backward(), "backward returned")
 
 
 def _one_rank_returns_early(rank, world_size):
     set_timeout(PEER_TIMEOUT_S)
     if rank == 0:
         return ("returned early", 0.0)
-    t0 = time.monotonic()
-    try:
-        seqpar.softmax(torch.zeros(2, 3))
-    except PeerTimeout as e:
-        return (str(e), time.monotonic() - t0)
-    return ("softmax returned", time.monotonic() - t0)
+    return _timed_out(lambda: seqpar.softmax(torch.zeros(2, 3)), "softmax returned")
 
 
 def _run_on_own_pool(world_size, fn, *args):

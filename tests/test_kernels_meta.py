@@ -25,15 +25,8 @@ WRAPPERS = {"cuda_flash": cuda_flash, "cuda_efficient": cuda_efficient, "cuda_cu
 B, H, SQ, SK, D = 2, 4, 40, 72, 64
 INF = math.inf
 
-pytestmark = pytest.mark.skipif(common.TORCH_VERSION < (2, 5), reason="meta kernels of the SDPA ops: torch >= 2.5")
-
-
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    monkeypatch.delenv("SEQPAR_KERNEL", raising=False)
-    kernels.reset()
-    yield
-    kernels.reset()
+pytestmark = [pytest.mark.skipif(common.TORCH_VERSION < (2, 5), reason="meta kernels of the SDPA ops: torch >= 2.5"),
+              pytest.mark.usefixtures("kernel_registry_reset")]
 
 
 def _live_positional(op_name: str) -> tuple[tuple[str, ...], list[str]]:

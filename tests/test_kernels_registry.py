@@ -23,17 +23,11 @@ from seqpar.ops.lse import stat_dtype
 from seqpar.ops.masks import MaskSpec, Tokens, dense_mask
 from seqpar.ops.tiled import block_kernels, tiled_backward, tiled_forward
 
+pytestmark = pytest.mark.usefixtures("kernel_registry_reset")
+
 CUDA = ("cuda_cudnn", "cuda_flash", "cuda_efficient")
 TOL = {torch.bfloat16: (2e-2, 8e-2), torch.float16: (3e-3, 1e-2), torch.float32: (1e-5, 1e-4),
        torch.float64: (1e-12, 1e-11)}  # (out, grads) max |err| vs float64 on the same inputs
-
-
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    monkeypatch.delenv("SEQPAR_KERNEL", raising=False)
-    kernels.reset()
-    yield
-    kernels.reset()
 
 
 @pytest.fixture

@@ -16,19 +16,28 @@ import torch
 from seqpar.strategies.registry import REGISTRY, STRATEGIES
 
 
-def measured_bytes(comm, check_bytes: int, q, k, v, g, kw: dict) -> tuple[int, int]:
+def check_bytes(comm) -> int:
+    """Bytes this rank sends in one argument check (``seqpar.checks.agree``'s all-gather; every call makes one)."""
+    from seqpar import checks
+
+    comm.reset_stats()
+    checks.agree(comm, "probe", lambda: None)
+    return comm.bytes_sent
+
+
+def measured_bytes(comm, probe: int, q, k, v, g, kw: dict) -> tuple[int, int]:
     """Bytes this rank sent in one forward and in one forward + backward of ``seqpar.attention(q, k, v, **kw)``,
-    less ``check_bytes`` (the argument check's all-gather, measured once by the caller)."""
+    less ``probe`` (the argument check's all-gather, :func:`check_bytes`, measured once by the caller)."""
     import seqpar
 
     comm.reset_stats()
     with torch.no_grad():
         seqpar.attention(q, k, v, **kw)
-    fwd = comm.bytes_sent - check_bytes
+    fwd = comm.bytes_sent - probe
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     comm.reset_stats()
     seqpar.attention(*leaves, **kw).backward(g)
-    return fwd, comm.bytes_sent - check_bytes
+    return fwd, comm.bytes_sent - probe
 
 # (heads, kv_heads) per world size: H_kv >= W, H_kv < W, W not dividing the heads
 HEADS = {2: [(4, 4), (6, 3), (4, 1)], 3: [(4, 2), (8, 4), (2, 2)], 4: [(4, 2), (6, 6)]}
@@ -40,14 +49,11 @@ def run_bytes(rank, world_size, names=STRATEGIES, inner=None):
     import os
 
     import seqpar
-    from seqpar import checks
     from seqpar.comm import get_communicator
     from seqpar.plan import bytes_sent
 
     comm = get_communicator(None)
-    comm.reset_stats()
-    checks.agree(comm, "probe", lambda: None)
-    check_bytes = comm.bytes_sent
+    probe = check_bytes(comm)
     rows = []
     b, d = 2, 4
     for heads, kv_heads in HEADS[world_size]:
@@ -62,7 +68,7 @@ def run_bytes(rank, world_size, names=STRATEGIES, inner=None):
                     if inner is not None:
                         os.environ["LOCAL_WORLD_SIZE"] = str(inner)
                     try:
-                        fwd, fwd_bwd = measured_bytes(comm, check_bytes, q, k, v, g, kw)
+                        fwd, fwd_bwd = measured_bytes(comm, probe, q, k, v, g, kw)
                     finally:
                         os.environ.pop("LOCAL_WORLD_SIZE", None)
                     want = bytes_sent(name, batch=b, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=d,

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 from test_attention import TOL, check_results, run_case
-from test_strategies_registry import measured_bytes
+from test_strategies_registry import check_bytes, measured_bytes
 
 _GROUPS: dict = {}
 
@@ -96,14 +96,11 @@ def test_against_the_reference(dist, world_size, kind):
 
 def run_bytes(rank, world_size, kind, inner):
     import seqpar
-    from seqpar import checks
     from seqpar.comm import get_communicator
     from seqpar.plan import bytes_sent
 
     comm = get_communicator(None)
-    comm.reset_stats()
-    checks.agree(comm, "probe", lambda: None)
-    check_bytes = comm.bytes_sent
+    probe = check_bytes(comm)
     rows = []
     b, d = 2, 4
     with _on_grid(kind, world_size):
@@ -115,7 +112,7 @@ def run_bytes(rank, world_size, kind, inner):
                     q, k, v, g = (torch.randn(b, h, seq_len, d, generator=gen).to(dtype)[:, :, idx]
                                   for h in (heads, kv_heads, kv_heads, heads))
                     kw = {"is_causal": True, "layout": layout, "strategy": "ulysses_ring"}
-                    fwd, fwd_bwd = measured_bytes(comm, check_bytes, q, k, v, g, kw)
+                    fwd, fwd_bwd = measured_bytes(comm, probe, q, k, v, g, kw)
                     want = bytes_sent("ulysses_ring", batch=b, heads=heads, kv_heads=kv_heads, seq_len=seq_len,
                                       head_dim=d, world_size=world_size, element_size=q.element_size(), layout=layout,
                                       rank=rank, inner=inner)
@@ -165,14 +162,11 @@ def test_bad_grids_are_refused_on_every_rank(dist):
 def run_cut_groups(rank, world_size):
     """2 x 3 grid, H = 8, H_kv = 2: inner rank 1 attends query heads 3..5 = K/V heads 0, 1, 1, so its K/V travel
     the ring expanded to one head per query head (and their gradients are summed back before the all-to-all)."""
-    from seqpar import checks
     from seqpar.comm import get_communicator
     from seqpar.plan import bytes_sent
 
     comm = get_communicator(None)
-    comm.reset_stats()
-    checks.agree(comm, "probe", lambda: None)
-    check_bytes = comm.bytes_sent
+    probe = check_bytes(comm)
     res = {}
     with _on_grid("local 3", world_size):
         for layout, causal, mask_kind in (("zigzag", True, "docs_pad_window"), ("contiguous", False, "none")):
@@ -180,7 +174,7 @@ def run_cut_groups(rank, world_size):
             res[f"{layout} {causal} {mask_kind}"] = run_case(
                 rank, world_size, seq_len=2 * world_size + 1, dtype=torch.float64, strategy="ulysses_ring",
                 is_causal=causal, layout=layout, kv_heads=2, mask_kind=mask_kind, seed=5, heads=8)
-    got = comm.bytes_sent - check_bytes  # the last case's forward + backward (no mask: nothing else gathered)
+    got = comm.bytes_sent - probe  # the last case's forward + backward (no mask: nothing else gathered)
     want = bytes_sent("ulysses_ring", batch=2, heads=8, kv_heads=2, seq_len=2 * world_size + 1, head_dim=8,
                       world_size=world_size, element_size=8, layout="contiguous", rank=rank, inner=3)
     return res, (got, want["fwd_bwd"])
