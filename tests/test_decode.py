@@ -226,3 +226,46 @@ def test_decode_combine_cost_model():
     big = decode_combine(batch=64, heads=32, q_len=4, head_dim=128, world_size=8)
     assert big.combine == "allreduce", big
     assert decode_combine(batch=1, heads=1, q_len=1, head_dim=1, world_size=1).combine == "allgather"
+
+
+def _hostile_steps(rank, world_size):
+    """decode over scattered slots (3, 0) with q / k_new / v_new in every odd layout of tests/test_strides.py, and a
+    NaN in one query row: per step (layout, max error of the finite rows vs float64, whether the NaN row is NaN
+    and only it)."""
+    from test_strides import LAYOUTS, odd
+
+    from seqpar.cache import KVCache
+    from seqpar.decode import decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    cache = KVCache(num_layers=1, max_batch=4, max_seq_len=40, kv_heads=2, head_dim=D, dtype=torch.float64,
+                    block_size=3)
+    slots = cache.allocate(4)
+    rows = [slots[3], slots[0]]
+    full = {s: [torch.zeros(2, 0, D, dtype=torch.float64)] * 2 for s in rows}
+    out_rows = []
+    for how in (*LAYOUTS, "nan"):
+        q = torch.randn(2, H, 2, D, generator=g, dtype=torch.float64)
+        k1, v1 = (torch.randn(2, 1, 2, D, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = k1.expand(2, 2, 2, D).contiguous(), v1.expand(2, 2, 2, D).contiguous()  # equal kv heads: "expanded"
+        if how == "nan":
+            q[1, 2, 1, 0] = float("nan")  # one query row of the second sequence
+        args = (q, k, v) if how == "nan" else tuple(odd(t, how) for t in (q, k, v))
+        lens = [cache.lengths[0][s] for s in rows]
+        out = decode_attention(cache, 0, *args, slots=rows)
+        for i, s in enumerate(rows):
+            full[s] = [torch.cat([full[s][0], k[i]], 1), torch.cat([full[s][1], v[i]], 1)]
+        ro, _, _ = _ref(q, [full[s][0] for s in rows], [full[s][1] for s in rows], lens, 2, None, None)
+        ref = torch.stack(ro)
+        nan = torch.isnan(out)
+        finite = ~torch.isnan(ref)
+        out_rows.append((how, float((out[finite] - ref[finite]).abs().max()), bool(torch.equal(nan, ~finite))))
+    return out_rows
+
+
+def test_odd_layouts_and_nan_in_decode(dist, one_thread):
+    for w in (2, 3):
+        for rank, steps in enumerate(dist(w, _hostile_steps)):
+            for how, err, nan_ok in steps:
+                assert err <= 1e-12 and nan_ok, (w, rank, how, err, nan_ok)
+            assert [h for h, _, _ in steps][-1] == "nan" and len(steps) == 5
