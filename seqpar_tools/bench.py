@@ -97,8 +97,7 @@ def _measure(name, xs, go, kw, *, comm, args, s):
     dev = xs[0].device
     t_f, fwd_bytes, _ = timed(fwd, comm, dev, 1, args.repeats)
     mem = PeakMemory(dev)
-    mem.reset()
-    t_fb, fb_bytes, _ = timed(fwd_bwd, comm, dev, 1, args.repeats)
+    t_fb, fb_bytes, _ = timed(fwd_bwd, comm, dev, 1, args.repeats, mem=mem)
     ana = bytes_sent(name, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_len=s,
                      head_dim=args.head_dim, world_size=comm.world_size, element_size=xs[0].element_size(),
                      layout=kw["layout"], inner=inner_size(comm.world_size) if name == "ulysses_ring" else None)
@@ -143,8 +142,7 @@ def _measure_peer(ql, kl, vl, go, causal, layout, comm, args, s):
 
     t_f, _, _ = timed(fwd, comm, q.device, 1, args.repeats)
     mem = PeakMemory(q.device)
-    mem.reset()
-    t_fb, _, _ = timed(fwd_bwd, comm, q.device, 1, args.repeats)
+    t_fb, _, _ = timed(fwd_bwd, comm, q.device, 1, args.repeats, mem=mem)
     return {"impl": f"ring-attention-pytorch {md.version('ring-attention-pytorch')}", "strategy": "peer",
             "seq_len": s, "causal": causal, "layout": "contiguous", "world_size": comm.world_size, "fwd_s": t_f,
             "fwd_bwd_s": t_fb, "peak_mem_added_bytes": _peak_over_ranks(comm, mem)}

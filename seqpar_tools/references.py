@@ -129,7 +129,6 @@ def sdpa_reference(q, k, v, go, *, is_causal: bool, window_size: int | None = No
     result = [out]
     if backward:
         mem = PeakMemory(q.device)
-        mem.reset()
-        stats["fwd_bwd_s"], _, result = timed(fwd_bwd, None, q.device, warmup, repeats)
+        stats["fwd_bwd_s"], _, result = timed(fwd_bwd, None, q.device, warmup, repeats, mem=mem)
         stats["peak_mem_added_bytes"] = mem.peak() - mem.base
     return result, stats

@@ -147,13 +147,14 @@ def run_rank(ctx: RankContext, cfg: Config) -> dict[str, Any]:
             out.backward(gl)
             return (out.detach(), *(t.grad for t in leaves))
 
-        mem.reset()
-        row["fwd_s"], row["bytes_per_rank_fwd"], got = timed(fwd, comm, ctx.device, m.warmup, m.repeats)
+        row["fwd_s"], row["bytes_per_rank_fwd"], got = timed(
+            fwd, comm, ctx.device, m.warmup, m.repeats, mem=None if m.backward else mem)
         ctx.log(f"{name}: fwd {row['fwd_s']:.3f} s, {row['bytes_per_rank_fwd'] / 1e6:.1f} MB sent per rank")
         ctx.advance(f"{name}: fwd")
-        if m.backward:
+        if m.backward:  # the peak of fwd+bwd (warm calls), not holding the forward's result
+            got = None
             row["fwd_bwd_s"], row["bytes_per_rank_fwd_bwd"], got = timed(
-                fwd_bwd, comm, ctx.device, m.warmup, m.repeats)
+                fwd_bwd, comm, ctx.device, m.warmup, m.repeats, mem=mem)
             ctx.log(f"{name}: fwd+bwd {row['fwd_bwd_s']:.3f} s, "
                     f"{row['bytes_per_rank_fwd_bwd'] / 1e6:.1f} MB sent per rank")
             ctx.advance(f"{name}: fwd+bwd")

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from dist_pool import Pool
+from dist_pool import Pool, small_ring_chunks
 
 _POOLS: dict[int, Pool] = {}
 
@@ -14,6 +14,7 @@ def dist():
         pool = _POOLS.get(world_size)
         if pool is None or pool.broken:
             pool = _POOLS[world_size] = Pool(world_size)
+            pool.run(small_ring_chunks)
         return pool.run(fn, *args, **kwargs)
 
     yield run

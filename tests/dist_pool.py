@@ -23,3 +23,11 @@ __all__ = ["RANK_TIMEOUT_S", "Pool", "RankError", "free_port"]
 class Pool(runner.Pool):
     def __init__(self, world_size: int):
         super().__init__(world_size, timeout_s=RANK_TIMEOUT_S)
+
+
+def small_ring_chunks(rank: int, world_size: int) -> None:
+    """Run on every new pool: ring's backward splits shards of any size into chunks (by default only shards of
+    2 * MIN_CHUNK_ROWS = 2048 rows or more), so the grid's small shapes test the chunked schedule."""
+    from seqpar.strategies import ring
+
+    ring.MIN_CHUNK_ROWS = 2

@@ -444,17 +444,18 @@ def run_count_blocks(rank, world_size, layout, strategy):
     from seqpar.ops import tiled
 
     calls = []  # (phase, q positions, k positions, is_causal, has_mask)
-    state = {"qpos": None, "kpos": None}
+    pending = []  # positions of the blocks yielded and not yet computed: every block is one kernel call, in order
     orig_blocks, orig_fwd, orig_bwd = tiled.blocks, tiled.attention_forward, tiled.attention_backward
 
     def blocks(qt, kt, spec):
         for blk in orig_blocks(qt, kt, spec):
-            state["qpos"], state["kpos"] = qt.pos[blk.q], kt.pos[blk.k]
+            pending.append((qt.pos[blk.q], kt.pos[blk.k]))
             yield blk
 
     def wrap(phase, fn):
         def inner(*args, **kw):
-            blk = (state["qpos"].tolist(), state["kpos"].tolist(), kw["is_causal"], kw["mask"] is not None)
+            qpos, kpos = pending.pop(0)
+            blk = (qpos.tolist(), kpos.tolist(), kw["is_causal"], kw["mask"] is not None)
             calls.append((phase, *blk))
             return fn(*args, **kw)
         return inner
@@ -475,8 +476,9 @@ def run_count_blocks(rank, world_size, layout, strategy):
 
 
 def _work(calls, phase):
-    """Kernel work in (query, key) pairs: a causal diagonal block counts half its area."""
-    return sum(len(qp) * len(kp) / (2 if causal else 1) for p, qp, kp, causal, _ in calls if p == phase)
+    """Kernel work in visible (query, key) pairs: a causal diagonal block of n counts n (n + 1) / 2."""
+    return sum(len(qp) * (len(kp) + 1) / 2 if causal else len(qp) * len(kp)
+               for p, qp, kp, causal, _ in calls if p == phase)
 
 
 @pytest.mark.parametrize("strategy", ["allreduce", "ring", "allgather"])
@@ -505,7 +507,7 @@ def test_causal_skips_empty_blocks(dist, strategy):
     work_zig = [_work(c, "fwd") for c in zig]
     assert len(set(work_zig)) == 1, f"zigzag work per rank differs: {work_zig}"
     assert max(work_cont) > 3 * min(work_cont), f"contiguous work per rank {work_cont}: expected imbalance"
-    assert sum(work_cont) == sum(work_zig) == seq_len * seq_len / 2  # the causal triangle, computed once
+    assert sum(work_cont) == sum(work_zig) == seq_len * (seq_len + 1) / 2  # the causal triangle, computed once
 
 
 # --- layouts of memory, explicit scale, partial requires_grad -----------------------------------

@@ -71,6 +71,32 @@ def test_head_counts_against_the_reference(dist, world_size, heads, kv_heads):
         check_results([{c: r[c] for c in r if c.endswith(str(dtype))} for r in res], TOL[dtype])
 
 
+def run_backward_twice(rank, world_size, strategy):
+    """The head-sharded tensors the forward saves are freed by a backward without ``retain_graph`` (they are not
+    held through the all-to-alls back); with it they stay, and a second backward gives the same gradients."""
+    import seqpar
+
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 4, 10, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    out = seqpar.attention(q, k, v, is_causal=True, strategy=strategy)
+    out.sum().backward(retain_graph=True)
+    first = [t.grad.clone() for t in (q, k, v)]
+    out.sum().backward()  # second time: accumulates the same gradients again
+    same = all(torch.equal(t.grad, 2 * f) for t, f in zip((q, k, v), first))
+    try:
+        out.sum().backward()  # third: the saved tensors went with the second
+    except RuntimeError as e:
+        return same, str(e)
+    return same, None
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ulysses_ring"])
+def test_backward_frees_the_saved_tensors_unless_the_graph_is_retained(dist, strategy):
+    for same, err in dist(2, run_backward_twice, strategy):
+        assert same  # ulysses_ring gave zero gradients the second time before 2026-11-29
+        assert err is not None and f"strategy={strategy!r}" in err and "second time" in err and "retain_graph" in err
+
+
 def test_a_rank_skipping_the_backward_raises_peer_timeout():
     from test_hangs import PEER_TIMEOUT_S, _backward_on_one_rank, _run_on_own_pool
 

@@ -415,6 +415,9 @@ class _Waiter:
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 errors.append(e)
             finally:
+                # drop the work (it holds the transfer's tensors) before waking the caller: kept until the
+                # next job, it held the last all-to-all's send and receive buffers past the call
+                work = None
                 done.set()
 
 

@@ -125,6 +125,9 @@ def blocks(qt: Tokens, kt: Tokens, spec: MaskSpec) -> Iterator[Block]:
             if kind in ("full", "diag"):
                 yield from _resolve(qt, kt, spec, qa, qb, ka, kb, kind, data_masks)
                 continue
+            if spec.window_size is None:  # a causal edge only: at most three blocks, no mask, no tiles
+                yield from _causal_split(qt, kt, spec, qa, qb, ka, kb, data_masks)
+                continue
             for ta in range(ka, kb, TILE):
                 tb = min(kb, ta + TILE)
                 for sa in range(qa, qb, TILE):
@@ -132,6 +135,21 @@ def blocks(qt: Tokens, kt: Tokens, spec: MaskSpec) -> Iterator[Block]:
                     tile = _classify(int(qt.pos[sa]), int(qt.pos[sb - 1]), int(kt.pos[ta]), int(kt.pos[tb - 1]), spec)
                     if tile != "empty":
                         yield from _resolve(qt, kt, spec, sa, sb, ta, tb, tile, data_masks)
+
+
+def _causal_split(qt, kt, spec, qa, qb, ka, kb, data_masks) -> Iterator[Block]:
+    """Queries [qa, qb) x keys [ka, kb), two runs of consecutive positions that the causal edge cuts off the
+    diagonal (e.g. a key chunk inside a longer query run): the queries at the keys' positions see the keys before
+    theirs (full) and their own diagonal (causal); the queries after the last key see every key (full)."""
+    p0, k0, k1 = int(qt.pos[qa]), int(kt.pos[ka]), int(kt.pos[kb - 1])
+    o0, o1 = max(p0, k0), min(int(qt.pos[qb - 1]), k1)  # positions both runs hold
+    qo0, qo1 = qa + o0 - p0, qa + o1 - p0 + 1  # query rows at those positions
+    ko0, ko1 = ka + o0 - k0, ka + o1 - k0 + 1
+    if ko0 > ka:
+        yield from _resolve(qt, kt, spec, qo0, qo1, ka, ko0, "full", data_masks)
+    yield from _resolve(qt, kt, spec, qo0, qo1, ko0, ko1, "diag", data_masks)
+    if qo1 < qb:  # queries after the last key (they exist only when the keys end first)
+        yield from _resolve(qt, kt, spec, qo1, qb, ka, kb, "full", data_masks)
 
 
 TILE = 512  # tile edge for pairs of runs that a window or causal edge cuts only partly

@@ -163,6 +163,22 @@ def _to_sequence(
     return outs
 
 
+def take_saved(ctx, strategy: str) -> list:
+    """The head-sharded tensors the forward left in ``ctx.head_sharded`` (intermediates, so not through
+    ``save_for_backward``), dropped from ``ctx`` unless this backward retains the graph: the backward can then
+    free them as soon as the kernel is done instead of holding them through the all-to-alls back."""
+    saved = ctx.head_sharded
+    if saved is None:
+        raise RuntimeError(
+            f"strategy={strategy!r}: backward through this attention call a second time; its saved head-sharded "
+            "tensors were freed after the first backward (pass retain_graph=True to keep them)"
+        )
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)  # private, in torch 2.13
+    if keep is not None and not keep():  # retain_graph / create_graph: they must stay (kept when torch won't say)
+        ctx.head_sharded = None
+    return saved
+
+
 class UlyssesAttention(torch.autograd.Function):
     """
     ============  ========================  ===============================
@@ -194,13 +210,13 @@ class UlyssesAttention(torch.autograd.Function):
             out_f = qf.new_zeros(qf.shape)
             lse_f = torch.zeros(qf.shape[:3], dtype=stat_dtype(q.dtype), device=q.device)
         (out,) = _to_sequence(setup, [(out_f, qr)], [h], q.dtype)
-        ctx.save_for_backward(qf, kf, vf, out_f, lse_f)
+        ctx.head_sharded = [qf, kf, vf, out_f, lse_f]  # intermediates: on ctx, so the backward can let them go
         ctx.setup, ctx.split, ctx.tokens, ctx.shape, ctx.idx = setup, split, tokens, (h, h_kv), idx
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qf, kf, vf, out_f, lse_f = ctx.saved_tensors
+        qf, kf, vf, out_f, lse_f = take_saved(ctx, "ulysses")  # freed after the kernel, not held to the end
         setup, split, tokens = ctx.setup, ctx.split, ctx.tokens
         dtype, (h, h_kv) = qf.dtype, ctx.shape
         qr, kr = [(a, b) for a, b, _, _ in split], [(a, b) for _, _, a, b in split]

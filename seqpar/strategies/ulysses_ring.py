@@ -39,7 +39,7 @@ from seqpar.ops.lse import stat_dtype
 from seqpar.ops.masks import Tokens
 from seqpar.strategies.ring import RingAttention
 from seqpar.strategies.setup import Setup
-from seqpar.strategies.ulysses import _local_kv, _to_heads, _to_sequence, has_copies, head_split
+from seqpar.strategies.ulysses import _local_kv, _to_heads, _to_sequence, has_copies, head_split, take_saved
 
 
 @dataclass
@@ -135,23 +135,22 @@ class UlyssesRingAttention(torch.autograd.Function):
         else:
             out_f = qf.new_zeros(qf.shape)
         (out,) = _to_sequence(inner, [(out_f, qr)], [h], q.dtype)
-        ctx.ring, ctx.setup, ctx.split, ctx.idx, ctx.shape = ring, setup, split, idx, (h, h_kv)
-        ctx.save_for_backward(qf, kf, vf)
+        ctx.setup, ctx.split, ctx.idx, ctx.shape = setup, split, idx, (h, h_kv)
+        ctx.head_sharded = [ring, qf, kf, vf]  # intermediates: on ctx, so the backward can let them go (take_saved)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qf, kf, vf = ctx.saved_tensors
+        ring, qf, kf, vf = take_saved(ctx, "ulysses_ring")
         setup, split, (h, h_kv), dtype = ctx.setup, ctx.split, ctx.shape, dout.dtype
         inner = setup.inner
         qr, kr = [(a, b) for a, b, _, _ in split], [(a, b) for _, _, a, b in split]
         (dof,) = _to_heads(inner, [(dout, qr)], dtype)
-        if ctx.ring is not None:
-            gq, gk, gv, _ = RingAttention.backward(ctx.ring, dof)
-            ctx.ring = None
+        if ring is not None:
+            gq, gk, gv, _ = RingAttention.backward(ring, dof)
         else:
             gq, gk, gv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
-        del dof, qf, kf, vf
+        del dof, qf, kf, vf, ring
         sd = stat_dtype(dtype)
         if ctx.idx is not None:  # sum the per-query-head K/V gradients back onto this rank's K/V heads
             _, _, ka, kb = split[inner.rank]
