@@ -14,8 +14,8 @@ backward op allocates: its dq/dk/dv pieces and its own copy of dout)::
 
 History at S=32768, H=2, D=64, W=2 (U = 8 MiB; ``seqpar_tools.memory.allocated_peak``): 113 MiB with float32 dK/dV
 scratch and contiguous copies of dout/out per block; 89 MiB with whole shards travelling (8U + rise: this test
-fails on that code at W=2: 11.4U against a budget of 8.6U, rise included); 47 MiB now (4U + 10c + rise). Single-process SDPA on
-the whole sequence: 81 MiB.
+fails on that code at W=2: 11.4U against a budget of 8.6U, rise included); 47 MiB now (4U + 10c + rise).
+Single-process SDPA on the whole sequence: 81 MiB.
 """
 
 import pytest
