@@ -187,8 +187,8 @@ def run(args: argparse.Namespace) -> dict:
     for r in rows:
         if r.get("peak_mem_added_bytes"):
             r["s_fit"] = int(r["seq_len"] * budget / r["peak_mem_added_bytes"])
-            # two sequence lengths of the same implementation: fit peak = a + b S (single-process SDPA has a fixed
-            # part -- ~38 MiB at H=2, D=64 on 2 threads -- that the proportional figure would spread over S)
+            # two sequence lengths of the same implementation: fit peak = a + b S (a fixed part, e.g. a kernel's
+            # per-thread buffers, that the proportional figure would spread over S)
             same = [x for x in rows if x["impl"] == r["impl"] and x.get("causal") == r.get("causal")
                     and x.get("peak_mem_added_bytes") and x["seq_len"] != r["seq_len"]]
             if same:
