@@ -71,8 +71,10 @@ def attention(
         is_causal: key j is visible to query i when ``j <= i`` (global positions).
         scale: score scale, default ``D ** -0.5``.
         layout: ``"contiguous"`` or ``"zigzag"`` -- which global positions this rank holds.
-        strategy: ``"auto"`` (see :func:`seqpar.plan`), ``"allreduce"``, ``"ring"``, ``"allgather"``,
-            ``"ulysses"``, ``"ulysses_ring"`` (:mod:`seqpar.strategies.registry`).
+        strategy: ``"auto"`` (:func:`seqpar.plan` with the launcher's ranks per node when ``group`` is None or
+            an mpi4py ``Comm``: ``ulysses_ring`` is a candidate when they make several nodes of several ranks),
+            ``"allreduce"``, ``"ring"``, ``"allgather"``, ``"ulysses"``, ``"ulysses_ring"``
+            (:mod:`seqpar.strategies.registry`).
         key_padding_mask: ``(B, S_r)`` bool, True = attend to this key.
         window_size: int w; with causal key j is visible when ``0 <= i - j <= w``, else ``|i - j| <= w``.
         document_ids: ``(B, S_r)`` int: packed sequences; a query sees only keys of its document.
@@ -106,6 +108,7 @@ def _attention(
     comm = get_communicator(None if grid else group)
     rank = comm.rank
     two_level = strategy == "ulysses_ring"
+    nodes = _auto_nodes(comm, group) if strategy == "auto" and not grid else None
 
     def validate():
         checks.check_qkv(q_local, k_local, v_local, rank)
@@ -137,6 +140,10 @@ def _attention(
                              f"or 'auto', got strategy={strategy!r}")
         if two_level:
             two["ulysses_ring inner size"], info["grid (inner id, inner rank, outer id, outer rank)"] = _grid_info(
+                group, grid, comm)
+        info["ranks per node (auto)"] = 0
+        if nodes:  # auto may pick ulysses_ring over this rank's node: its grid coordinates travel along
+            info["ranks per node (auto)"], info["grid (inner id, inner rank, outer id, outer rank)"] = _grid_info(
                 group, grid, comm)
         return {
             "q_local.shape (B, H, D)": (b, h, d),
@@ -175,14 +182,15 @@ def _attention(
     dev = q_local.device
     tokens = [Tokens(positions(seq_len, w, r, layout).to(dev), docs[r], keeps[r]) for r in range(w)]
     setup = Setup(comm, scale, MaskSpec(bool(is_causal), window_size), sizes, tokens)
-    if two_level:
-        grid_of = group if grid or not isinstance(comm, TorchCommunicator) else None  # None: the default group's grid
-        setup = _mesh_setup(setup, grid_of, table["grid (inner id, inner rank, outer id, outer rank)"])
-    if strategy == "auto":
+    if strategy == "auto":  # the ranks per node count when every rank reports the same (else: one node)
+        per_node = {v[0] for v in table["ranks per node (auto)"]}
         strategy = plan(
             batch=b, heads=h, kv_heads=k_local.shape[1], seq_len=seq_len, head_dim=d, world_size=w,
-            dtype=q_local.dtype,
+            dtype=q_local.dtype, ranks_per_node=per_node.pop() if len(per_node) == 1 and 0 not in per_node else None,
         ).strategy
+    if strategy == "ulysses_ring":
+        grid_of = group if grid or not isinstance(comm, TorchCommunicator) else None  # None: the default group's grid
+        setup = _mesh_setup(setup, grid_of, table["grid (inner id, inner rank, outer id, outer rank)"])
     return REGISTRY[strategy].fn.apply(q_local, k_local, v_local, setup)
 
 
@@ -213,6 +221,19 @@ def _grid_info(group, grid: bool, comm) -> tuple[int, tuple[int, int, int, int]]
                          f"{n} of {w}: pass None (the default group cut into nodes of LOCAL_WORLD_SIZE ranks), a 2-D "
                          "DeviceMesh or a pair (inner, outer)")
     return n, ((rank // n) * n, rank % n, rank % n, rank // n)
+
+
+def _auto_nodes(comm, group) -> int | None:
+    """``auto``'s ranks per node when they cut the group into several nodes of several ranks: the launcher's
+    (:func:`inner_size`) for the default group or an mpi4py communicator; None otherwise (one node, or a
+    subgroup, where ``ulysses_ring`` needs ``group=`` a grid)."""
+    if isinstance(comm, TorchCommunicator) and (group is not None and comm.world_size != _default_world_size()):
+        return None
+    try:
+        n = inner_size(comm.world_size)
+    except ValueError:
+        return None
+    return n if 1 < n < comm.world_size else None
 
 
 def _default_world_size() -> int:

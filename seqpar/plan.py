@@ -127,8 +127,10 @@ def plan(
     (``n`` ranks per node) and its time is the larger of the two links' shares. Exposed communication:
     ``allreduce``, ``allgather``, ``ulysses``: all of it (collectives before/after the compute), plus
     ``latency_s`` per collective; ``ring``: per step ``max(0, step transfer - c/W)``, W - 1 steps (each step's
-    K/V transfer runs behind the previous block's compute). The least exposed time wins; ties go to the
-    fewest bytes, then to ``ring``, ``ulysses``, ``allgather``, ``allreduce``.
+    K/V transfer runs behind the previous block's compute); ``ulysses_ring`` (a candidate when ``ranks_per_node``
+    cuts the ranks into several nodes of several ranks, inner size = ranks per node): its all-to-all at the node's
+    link plus its ring steps across nodes, each hidden behind ``c / m`` of compute. The least exposed time wins;
+    ties go to the fewest bytes, then to ``ring``, ``ulysses``, ``ulysses_ring``, ``allgather``, ``allreduce``.
     """
     sizes = {
         "batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_len": seq_len, "head_dim": head_dim,
@@ -170,11 +172,14 @@ def plan(
                        cost["ulysses"] * inter / inter_node_bandwidth) + 2 * latency_s,
         "ulysses_ring": _two_level_exposed(x, inner, compute, intra_node_bandwidth, inter_node_bandwidth, latency_s),
     }
-    order = ("ring", "ulysses", "allgather", "allreduce")  # ulysses_ring: only with group= a grid (not auto's)
+    order = ("ring", "ulysses", "allgather", "allreduce")
+    if 1 < n < w and w % n == 0:  # several nodes of several ranks: the two-level arrangement is a candidate too
+        order = ("ring", "ulysses", "ulysses_ring", "allgather", "allreduce")
     best = min(order, key=lambda s: (round(exposed[s], 12), cost[s], order.index(s)))
     why = {
         "ring": "transfers hidden behind compute" if exposed["ring"] == 0 else "least exposed communication",
         "ulysses": "least exposed communication: fewest bytes (heads moved, not K/V around the ring)",
+        "ulysses_ring": "least exposed communication: all-to-all inside a node, ring across nodes",
         "allgather": "least exposed communication: one collective",
         "allreduce": "least exposed communication: queries smaller than K/V",
     }[best]

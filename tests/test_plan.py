@@ -39,12 +39,15 @@ def test_training_picks_the_least_exposed_communication(world_size, kv_heads, dt
         assert p.bytes_per_rank["ulysses"] < p.bytes_per_rank["ring"], p.table()
 
 
-def test_across_nodes_short_sequences_pick_ulysses():
+def test_across_nodes_short_sequences_pick_all_to_all():
     """4 nodes x 8 ranks, 32k tokens, MHA: the ring step crosses nodes and outlasts the block's compute;
-    the all-to-all sends a quarter of the bytes, most of them across nodes too."""
+    the all-to-all sends a quarter of the bytes, most of them across nodes too -- and the two-level arrangement keeps
+    its all-to-all inside the node. With 6 ranks per node (not a divisor of 32) ulysses_ring is no candidate."""
     kw = {"batch": 1, "heads": 32, "kv_heads": 32, "seq_len": 32768, "head_dim": 128, "world_size": 32}
     p = seqpar.plan(ranks_per_node=8, **kw)
-    assert p.strategy == "ulysses" and p.exposed_s["ring"] > 0, p.table()
+    assert p.strategy == "ulysses_ring" and 0 < p.exposed_s["ulysses"] < p.exposed_s["ring"], p.table()
+    assert seqpar.plan(ranks_per_node=6, **kw).strategy == "ulysses"
+    assert seqpar.plan(**kw).strategy != "ulysses_ring"  # one node: no two levels
     assert seqpar.plan(**kw).exposed_s["ring"] < p.exposed_s["ring"]  # one node: the faster link
     assert seqpar.plan(ranks_per_node=8, **{**kw, "seq_len": 1 << 20}).strategy == "ring"  # long: hidden again
 

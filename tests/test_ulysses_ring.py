@@ -208,3 +208,44 @@ def test_over_mpi4py_with_a_two_level_split():
                           text=True, timeout=120, env=env, cwd=script.parent.parent, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok ulysses_ring (inner 2)") == 4, proc.stdout
+
+
+def run_auto_over_nodes(rank, world_size):
+    """``strategy="auto"`` with ``group=None`` and the launcher's ranks per node: ``LOCAL_WORLD_SIZE=2`` of 4 ranks
+    makes two nodes, where ``seqpar.plan`` picks ``ulysses_ring`` at this shape; ``LOCAL_WORLD_SIZE=4`` (one node)
+    picks another. Per node count: the plan's pick, bytes sent (fwd, fwd+bwd) against that strategy's formula, and
+    the error against float64 SDPA."""
+    import torch.nn.functional as F
+
+    import seqpar
+    from seqpar.comm import get_communicator
+    from seqpar.plan import bytes_sent, plan
+
+    comm = get_communicator(None)
+    probe = check_bytes(comm)
+    b, h, hkv, s, d = 1, 4, 2, 1024, 128
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(b, n, s, d, generator=gen, dtype=torch.float64) for n in (h, hkv, hkv, h))
+    idx = seqpar.layout.positions(s, world_size, rank, "contiguous")
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    ql, kl, vl, gl = (t[:, :, idx].float() for t in (q, k, v, g))
+    res = {}
+    for per_node in (2, 4):
+        with _on_grid(f"local {per_node}", world_size):
+            pick = plan(batch=b, heads=h, kv_heads=hkv, seq_len=s, head_dim=d, world_size=world_size,
+                        dtype=torch.float32, ranks_per_node=per_node).strategy
+            got = measured_bytes(comm, probe, ql, kl, vl, gl, {"is_causal": True, "strategy": "auto"})
+            want = bytes_sent(pick, batch=b, heads=h, kv_heads=hkv, seq_len=s, head_dim=d, world_size=world_size,
+                              element_size=4, layout="contiguous", rank=rank,
+                              inner=per_node if pick == "ulysses_ring" else None)
+            err = (seqpar.attention(ql, kl, vl, is_causal=True).double() - ref[:, :, idx]).abs().max().item()
+        res[per_node] = (pick, got, (want["fwd"], want["fwd_bwd"]), err)
+    return res
+
+
+def test_auto_picks_the_two_level_strategy_across_nodes(dist):
+    for rank, res in enumerate(dist(4, run_auto_over_nodes, timeout=120)):
+        assert res[2][0] == "ulysses_ring" and res[4][0] != "ulysses_ring", res
+        for per_node, (pick, got, want, err) in res.items():
+            assert got == want, f"rank {rank}, {per_node} ranks per node, {pick}: sent {got}, formula {want}"
+            assert err < 1e-5, f"rank {rank}, {per_node} ranks per node, {pick}: error {err}"
