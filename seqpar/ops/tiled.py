@@ -72,6 +72,7 @@ def tiled_forward(
             q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale, mask=blk.mask, is_causal=blk.is_causal
         )
         merge_into(out[:, :, blk.q], lse[:, :, blk.q], o, l)
+        del o, l  # not held while the next block's kernel runs
     return out, lse
 
 
