@@ -230,10 +230,11 @@ def run_auto_over_nodes(rank, world_size):
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     ql, kl, vl, gl = (t[:, :, idx].float() for t in (q, k, v, g))
     res = {}
-    for per_node in (2, 4):
-        with _on_grid(f"local {per_node}", world_size):
+    for per_node in (2, 4, "mixed"):  # mixed: rank 0 says 2 per node, the others 4 -> planned as one node
+        env = (2 if rank == 0 else 4) if per_node == "mixed" else per_node
+        with _on_grid(f"local {env}", world_size):
             pick = plan(batch=b, heads=h, kv_heads=hkv, seq_len=s, head_dim=d, world_size=world_size,
-                        dtype=torch.float32, ranks_per_node=per_node).strategy
+                        dtype=torch.float32, ranks_per_node=None if per_node == "mixed" else per_node).strategy
             got = measured_bytes(comm, probe, ql, kl, vl, gl, {"is_causal": True, "strategy": "auto"})
             want = bytes_sent(pick, batch=b, heads=h, kv_heads=hkv, seq_len=s, head_dim=d, world_size=world_size,
                               element_size=4, layout="contiguous", rank=rank,
@@ -245,7 +246,7 @@ def run_auto_over_nodes(rank, world_size):
 
 def test_auto_picks_the_two_level_strategy_across_nodes(dist):
     for rank, res in enumerate(dist(4, run_auto_over_nodes, timeout=120)):
-        assert res[2][0] == "ulysses_ring" and res[4][0] != "ulysses_ring", res
+        assert res[2][0] == "ulysses_ring" and res[4][0] != "ulysses_ring" != res["mixed"][0], res
         for per_node, (pick, got, want, err) in res.items():
             assert got == want, f"rank {rank}, {per_node} ranks per node, {pick}: sent {got}, formula {want}"
             assert err < 1e-5, f"rank {rank}, {per_node} ranks per node, {pick}: error {err}"

@@ -36,13 +36,6 @@ from seqpar.ops.tiled import backward_blocks, tiled_backward, tiled_forward
 from seqpar.strategies.setup import Setup
 
 
-def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, H_kv, S_r, D) -> padded to length n along the sequence, contiguous (``t`` itself when it already is)."""
-    if t.shape[2] == n:
-        return t.contiguous()
-    return torch.cat([t, t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3])], dim=2)
-
-
 class RingAttention(torch.autograd.Function):
     """
     ============  ========================  ===============================
@@ -61,7 +54,7 @@ class RingAttention(torch.autograd.Function):
         w, rank, n = setup.world_size, setup.rank, max(setup.sizes)
         qt = setup.tokens[rank]
         ring = RingComm(setup.comm)
-        kb, vb = _pad(k, n), _pad(v, n)
+        kb, vb = (_rows(t, [(0, n)], setup.sizes[rank]) for t in (k, v))  # padded to the longest shard
         spare = (None, None)
         acc = None
         for step in range(w):
@@ -188,7 +181,8 @@ def _backward_ring(dout, q, k, v, out, lse, setup: Setup, ranges: list[tuple[int
 
 def _rows(t: torch.Tensor, rows: list[tuple[int, int]], own: int) -> torch.Tensor:
     """Rows ``[a, a + n)`` for each ``(a, n)`` of ``t (B, H_kv, own, D)``, one after the other in one contiguous
-    buffer (zeros past ``own``); ``t``'s own view when that is one range of contiguous rows."""
+    buffer, zeros past ``own`` (the padding of a shorter shard); ``t`` itself (or its view) when that is one range
+    of rows it holds and already contiguous."""
     if len(rows) == 1 and rows[0][0] + rows[0][1] <= own:
         (a, n), = rows
         return t[:, :, a:a + n].contiguous()
