@@ -10,7 +10,9 @@ token's K/V appended in the same request). W = 2 gloo ranks, one thread each.
 1. **Latency vs context**: p50 / p99 of ``Client.attend`` against a service started with ``seqpar serve``
    (one session of S tokens, filled by ``append``), and of the same call in-process: ``seqpar.decode_attention``
    on two ranks of a :class:`seqpar_tools.runner.Pool` over a :class:`seqpar.KVCache` holding S tokens (each
-   call's slowest rank). The difference is the service's overhead: HTTP, framing, the step broadcast.
+   call's slowest rank). The difference is the service's overhead: transport, framing, the step broadcast.
+   Both transports on one session, their calls alternating: the tensor door (ZeroMQ, the client's default)
+   and HTTP (``Client(..., transport="http")``).
 2. **Throughput vs concurrency** at a 4k and a 256-token context: N client threads, each its own session, attending for
    ``--seconds``; requests/s with batching (``serve.max_batch = 32``, window 1 ms: concurrent attends of one
    arena go through one ``decode_attention`` per layer) and without (``serve.max_batch = 1``: one request
@@ -135,26 +137,39 @@ def latency(contexts: list[int], calls: int) -> list[dict]:
     srv = Served("--set", "serve.session_slots=1", "--set", f"serve.capacity_tokens={4 * top + 4096}",
                  "--set", "serve.max_request_bytes=134217728")
     try:
-        c = Client(srv.address, timeout=600)
+        clients = {"door": Client(srv.address, timeout=600), "http": Client(srv.address, timeout=600, transport="http")}
         g = torch.Generator().manual_seed(0)
         for row in rows:
             s = row["context"]
-            sid = c.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, capacity=s + calls + 8)
-            _fill(c, sid, s, g)
-            times, over = [], []
+            sid = clients["http"].create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D,
+                                                 capacity=s + 2 * calls + 8)
+            _fill(clients["http"], sid, s, g)
+            times: dict = {name: [] for name in clients}
+            over: dict = {name: [] for name in clients}
+            wire: dict = {name: [] for name in clients}
             for i in range(calls + 3):
-                q, k, v = torch.randn(H, 1, D, generator=g), torch.randn(HKV, 1, D, generator=g), \
-                    torch.randn(HKV, 1, D, generator=g)
-                t0 = time.perf_counter()
-                c.attend(sid, 0, q, k, v)
-                if i >= 3:
-                    times.append(time.perf_counter() - t0)
-                    over.append(times[-1] * 1e3 - c.last_step_ms)  # this call's round trip minus rank 0's step
-            c.delete_session(sid)
-            row.update(service_p50_ms=_pct(times, 0.5) * 1e3, service_p99_ms=_pct(times, 0.99) * 1e3,
-                       overhead_p50_ms=_pct(over, 0.5), overhead_p99_ms=_pct(over, 0.99))
-            print(f"service    S={s}: p50 {row['service_p50_ms']:.3f} ms p99 {row['service_p99_ms']:.3f} ms "
-                  f"(overhead: round trip - step, per call, p50 {row['overhead_p50_ms']:.3f} ms)", flush=True)
+                for name, c in clients.items():  # the two transports alternate: the same machine state for both
+                    q, k, v = torch.randn(H, 1, D, generator=g), torch.randn(HKV, 1, D, generator=g), \
+                        torch.randn(HKV, 1, D, generator=g)
+                    t0 = time.perf_counter()
+                    c.attend(sid, 0, q, k, v)
+                    if i >= 3:
+                        times[name].append(time.perf_counter() - t0)
+                        over[name].append(times[name][-1] * 1e3 - c.last_step_ms)  # round trip minus rank 0's step
+                        wire[name].append(times[name][-1] * 1e3 - c.last_server_ms)  # minus arrival -> answer
+            clients["http"].delete_session(sid)
+            for name in clients:
+                key = "service" if name == "door" else "http"
+                row.update({f"{key}_p50_ms": _pct(times[name], 0.5) * 1e3,
+                            f"{key}_p99_ms": _pct(times[name], 0.99) * 1e3,
+                            f"{key}_overhead_p50_ms": _pct(over[name], 0.5),
+                            f"{key}_overhead_p99_ms": _pct(over[name], 0.99),
+                            f"{key}_transport_p50_ms": _pct(wire[name], 0.5),
+                            f"{key}_transport_p99_ms": _pct(wire[name], 0.99)})
+                print(f"{name:5s} S={s}: p50 {row[f'{key}_p50_ms']:.3f} ms p99 {row[f'{key}_p99_ms']:.3f} ms "
+                      f"(overhead: round trip - step, per call, p50 {row[f'{key}_overhead_p50_ms']:.3f} ms, "
+                      f"p99 {row[f'{key}_overhead_p99_ms']:.3f}; transport: round trip - time in the service, p50 "
+                      f"{row[f'{key}_transport_p50_ms']:.3f} ms, p99 {row[f'{key}_transport_p99_ms']:.3f})", flush=True)
     finally:
         srv.stop()
     return rows
@@ -246,7 +261,8 @@ def plot(result: dict, path: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     lat = result["latency"]
     xs = [r["context"] for r in lat]
-    for key, label in (("service", "service (HTTP round trip)"), ("inprocess", "in-process decode_attention")):
+    for key, label in (("service", "service (tensor door)"), ("http", "service (HTTP)"),
+                       ("inprocess", "in-process decode_attention")):
         a.errorbar(xs, [r[f"{key}_p50_ms"] for r in lat],
                    yerr=[[0] * len(lat), [r[f"{key}_p99_ms"] - r[f"{key}_p50_ms"] for r in lat]],
                    marker="o", capsize=3, label=f"{label}: p50 (bar to p99)")

@@ -10,10 +10,14 @@ service's ranks hold the sharded KV cache and answer with the exact attention ou
         outs = c.attend_many([s, s2], 0, qb, kb, vb)            # several sessions in one request: qb (B, H, T, D)
         c.delete_session(s)
 
-numpy arrays or torch tensors in, the same kind out (bfloat16 needs torch). One HTTP/1.1 connection is kept
-and reused (``http.client``, the standard library: the client needs no server library). A request the
-service refuses raises :class:`ServeError` with the HTTP status and the service's message; a network failure
-or a timeout raises :class:`ServeUnavailable`. Not thread-safe: one client per thread.
+numpy arrays or torch tensors in, the same kind out (bfloat16 needs torch). Two transports, both kept open
+and reused: HTTP/1.1 (``http.client``, the standard library) for sessions, stats and health, and -- when pyzmq
+is installed (``transport="auto"``) -- the service's **tensor door** for appends and attends: one ZeroMQ
+DEALER socket, one message per request, read by the service's step loop itself (about half HTTP's round trip
+overhead; README: "The attention service"). ``transport="http"`` (or no pyzmq) sends everything over HTTP; the
+answers are the same. A request the service refuses raises :class:`ServeError` with the HTTP status and the
+service's message; a network failure or a timeout raises :class:`ServeUnavailable`. Not thread-safe: one
+client per thread.
 
 The wire format (also used by the service between its ranks), for every request and answer with tensors
 (content type ``application/x-seqpar``)::
@@ -31,6 +35,7 @@ import http.client
 import json
 import struct
 import sys
+import time
 import urllib.parse
 from typing import Any
 
@@ -154,20 +159,31 @@ class Client:
     """A connection to ``seqpar serve`` at ``address`` (``http://host:port`` or ``host:port``).
 
     Args:
-        token: the service's token (sent as ``Authorization: Bearer``); default none.
+        token: the service's token (sent as ``Authorization: Bearer``, and in the tensor door's requests);
+            default none.
         timeout: seconds to wait for connect and for each answer (then :class:`ServeUnavailable`).
+        transport: ``"auto"``: appends and attends through the tensor door (ZeroMQ) when pyzmq is installed
+            and the service has one, else HTTP; ``"http"``: everything over HTTP.
     """
 
-    def __init__(self, address: str, *, token: str | None = None, timeout: float = 60.0):
+    def __init__(self, address: str, *, token: str | None = None, timeout: float = 60.0, transport: str = "auto"):
         if "://" not in address:
             address = "http://" + address
         u = urllib.parse.urlsplit(address)
         if u.scheme != "http" or not u.hostname or not u.port:
             raise ValueError(f"address={address!r}; expected http://HOST:PORT")
-        self.host, self.port, self.timeout = u.hostname, u.port, timeout
+        if transport not in ("auto", "http"):
+            raise ValueError(f"transport={transport!r}; allowed: 'auto', 'http'")
+        self.host, self.port, self.timeout, self.transport = u.hostname, u.port, timeout, transport
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._auth = {"auth": token} if token else {}
         self._conn: http.client.HTTPConnection | None = None
-        self.last_step_ms: float | None = None
+        self._door: str | None = None  # the tensor door's endpoint once asked ("" = none: HTTP)
+        self._sock: Any = None
+        self._limit: int | None = None
+        self._rid = 0
+        self.last_step_ms: float | None = None  # the last attend's times in the service, for benchmarks: the step
+        self.last_server_ms: float | None = None  # on rank 0, and from the request's arrival to its answer
 
     # -- transport --
     def _request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None):
@@ -205,7 +221,90 @@ class Client:
         _, data = self._request(method, path, body, "application/json" if body is not None else None)
         return json.loads(data)
 
+    def _door_socket(self) -> Any:
+        """The tensor door's DEALER socket (connected once), or None: everything over HTTP."""
+        if self._door is None:
+            self._door = ""
+            if self.transport == "auto":
+                try:
+                    import zmq  # noqa: F401
+                except ImportError:
+                    return None
+                h = self.health()
+                self._limit = h.get("max_request_bytes")
+                if h.get("tensor_port"):
+                    host = f"[{self.host}]" if ":" in self.host else self.host
+                    self._door = f"tcp://{host}:{h['tensor_port']}"
+        if not self._door:
+            return None
+        if self._sock is None:
+            import zmq
+
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            # not IMMEDIATE: with it, libzmq discards answers not yet read when the connection drops (measured: a
+            # failing service's 503 lost); a request sent while disconnected waits in the socket, closed on timeout
+            sock.setsockopt(zmq.IPV6, int(":" in self.host))
+            self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # a service gone: fail now, not at timeout
+            sock.connect(self._door)
+            self._poller = zmq.Poller()
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(self._mon, zmq.POLLIN)
+            self._sock = sock
+        return self._sock
+
+    def _tensor_request(self, op: str, session: str | None, header: dict, tensors: dict) -> bytes:
+        """An append / attend / attend_many: through the tensor door (or HTTP); the answer's frame."""
+        sock = self._door_socket()
+        if sock is None:
+            path = "/v1/attend" if session is None else f"/v1/sessions/{session}/{op}"
+            return self._request("POST", path, encode(header, tensors), CONTENT_TYPE)[1]
+        body = encode({"op": op, **({} if session is None else {"session": session}), **self._auth, **header},
+                      tensors)
+        if self._limit is not None and len(body) > self._limit:
+            raise ServeError(413, f"request body of {len(body)} bytes exceeds serve.max_request_bytes = "
+                                  f"{self._limit} (the service's limit, checked before sending)")
+        import zmq
+
+        self._rid += 1
+        rid = struct.pack("<Q", self._rid)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while self._mon.poll(0):  # a connection lost before this request: ZeroMQ has reconnected since
+                self._mon.recv_multipart()
+            sock.send_multipart([rid, body], copy=False)
+            while True:  # answers to earlier requests that timed out are dropped
+                left = deadline - time.monotonic()
+                ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+                if sock in ready or (ready and sock.poll(0)):  # an answer first, even one that came with a close
+                    frames = sock.recv_multipart()
+                    if len(frames) == 3 and frames[0] == rid:
+                        break
+                elif ready:
+                    raise ConnectionError("the service closed the connection before answering")
+                else:
+                    raise TimeoutError(f"no answer within timeout = {self.timeout:g} s")
+        except (zmq.ZMQError, TimeoutError, ConnectionError) as e:
+            self._close_door()  # a fresh socket next time: nothing stale queued or arriving
+            raise ServeUnavailable(f"seqpar service's tensor door {self._door}: {e!r} during {op}") from e
+        status = int(frames[1])
+        if status >= 400:
+            try:
+                msg = json.loads(frames[2])["error"]
+            except Exception:  # noqa: BLE001 - not our JSON: show what came
+                msg = frames[2][:500].decode("utf-8", "replace")
+            raise ServeError(status, msg)
+        return frames[2]
+
+    def _close_door(self) -> None:
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._mon.close(linger=0)
+            self._sock.close(linger=0)
+            self._sock = None
+
     def close(self) -> None:
+        self._close_door()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -239,9 +338,7 @@ class Client:
     def append(self, session: str, layer: int, k: Any, v: Any) -> int:
         """Store new keys/values ``(H_kv, T, D)`` (or ``(1, H_kv, T, D)``) of ``layer``; returns the new length."""
         k, v = (_squeeze1(t, 3, "k/v") for t in (k, v))
-        _, data = self._request("POST", f"/v1/sessions/{session}/append", encode({"layer": layer}, {"k": k, "v": v}),
-                                CONTENT_TYPE)
-        return int(decode(data)[0]["length"])
+        return int(decode(self._tensor_request("append", session, {"layer": layer}, {"k": k, "v": v}))[0]["length"])
 
     def attend(self, session: str, layers: int | list[int], q: Any, k: Any, v: Any, *, scale: float | None = None,
                return_lse: bool = False, return_weights: bool = False) -> Any:
@@ -260,10 +357,9 @@ class Client:
             q, k, v = (_squeeze1(t, 3, n)[None] for t, n in ((q, "q"), (k, "k"), (v, "v")))
             layers = [layers]
         header = {"layers": list(layers), "scale": scale, "return_lse": return_lse, "return_weights": return_weights}
-        _, data = self._request("POST", f"/v1/sessions/{session}/attend", encode(header, {"q": q, "k": k, "v": v}),
-                                CONTENT_TYPE)
+        data = self._tensor_request("attend", session, header, {"q": q, "k": k, "v": v})
         head, ts = decode(data, as_torch=not isinstance(q, np.ndarray))
-        self.last_step_ms = head.get("step_ms")  # rank 0's time in the step (compute + collectives), for benchmarks
+        self.last_step_ms, self.last_server_ms = head.get("step_ms"), head.get("server_ms")
         out, lse = ts["out"], ts.get("lse")
         if one and not lead:
             out, lse = out[0], None if lse is None else lse[0]
@@ -286,9 +382,9 @@ class Client:
             q, k, v = (t[:, None] for t in (q, k, v))
             layers = [layers]
         header = {"sessions": list(sessions), "layers": list(layers), "scale": scale, "return_lse": return_lse}
-        _, data = self._request("POST", "/v1/attend", encode(header, {"q": q, "k": k, "v": v}), CONTENT_TYPE)
+        data = self._tensor_request("attend_many", None, header, {"q": q, "k": k, "v": v})
         head, ts = decode(data, as_torch=not isinstance(q, np.ndarray))
-        self.last_step_ms = head.get("step_ms")
+        self.last_step_ms, self.last_server_ms = head.get("step_ms"), head.get("server_ms")
         out, lse = ts["out"], ts.get("lse")
         if one:
             out, lse = out[:, 0], None if lse is None else lse[:, 0]

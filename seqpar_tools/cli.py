@@ -4,7 +4,7 @@
     seqpar verify [flags]         exactness only, for your shapes / dtypes / world size; exit 1 on mismatch
     seqpar bench [args]           the benchmark (``seqpar bench --help``)
     seqpar info [--json]          versions, backends, kernels on this machine
-    seqpar serve [CONFIG] [flags] the attention service: ranks holding sharded KV caches answer over HTTP
+    seqpar serve [CONFIG] [flags] the attention service: ranks holding sharded KV caches answer (HTTP, ZeroMQ)
     seqpar --version
 
 ``run`` and ``verify`` spawn their ranks (gloo over 127.0.0.1) unless started by torchrun or
@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser("serve", help="the attention service (README: The attention service)",
-                       description="Start the ranks (or join torchrun/mpirun) and serve attention over HTTP; "
-                                   "prints one 'ready on http://HOST:PORT' line; SIGTERM/Ctrl-C drain and exit 0.")
+                       description="Start the ranks (or join torchrun/mpirun) and serve attention over HTTP and a "
+                                   "ZeroMQ tensor door; prints one 'ready on http://HOST:PORT' line; SIGTERM/Ctrl-C "
+                                   "drain and exit 0.")
     s.add_argument("config", nargs="?", help="a TOML config with a [serve] table (default: configs/default.toml's)")
     s.add_argument("--host", help="serve.host (not loopback: a token is required)")
     s.add_argument("--port", type=int, help="serve.port (0 = a free port)")

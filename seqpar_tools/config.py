@@ -82,7 +82,8 @@ class CheckSection:
 @dataclass
 class ServeSection:
     host: str = "127.0.0.1"  # loopback by default; any other address needs a token (--token / SEQPAR_SERVE_TOKEN)
-    port: int = 8470  # 0 = a free port (the ready line names it)
+    port: int = 8470  # HTTP; 0 = a free port (the ready line names it)
+    tensor_port: int = 0  # the tensor door (ZeroMQ: appends and attends); 0 = a free port (the ready line, health)
     capacity_tokens: int = 4194304  # K/V tokens per rank, summed over layers and sessions (arenas count whole)
     block_size: int = 16  # round-robin placement block (seqpar.KVCache)
     session_slots: int = 8  # sequences per arena: sessions of one shape share one, and batch into one collective
@@ -297,8 +298,9 @@ def _validate(cfg: Config, where) -> list[str]:
     ):
         if val < low:
             fail(key, f"must be >= {low}")
-    if not 0 <= sv.port <= 65535:
-        fail("serve.port", "must be 0 (a free port) .. 65535")
+    for key, val in (("serve.port", sv.port), ("serve.tensor_port", sv.tensor_port)):
+        if not 0 <= val <= 65535:
+            fail(key, "must be 0 (a free port) .. 65535")
     if not sv.host.strip():
         fail("serve.host", "must name an address, e.g. '127.0.0.1'")
     if not (math.isfinite(sv.batch_window_ms) and 0 <= sv.batch_window_ms <= 1000):

@@ -129,10 +129,12 @@ def _attend(c, s, seq, layer, t, **kw):
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 
 
-def test_exact_against_the_float64_formula(service):
+@pytest.mark.parametrize("transport", ["auto", "http"])
+def test_exact_against_the_float64_formula(service, transport):
     """Several sessions (GQA, MQA, float32 / float64), ragged lengths, appends, one- and multi-layer attends,
-    LSE and every rank's weight shard, all against the formula."""
-    c = service.client()
+    LSE and every rank's weight shard, all against the formula -- through the tensor door (the client's default)
+    and over HTTP."""
+    c = service.client(transport=transport)
     specs = [(2, 8, 2, 16, torch.float32), (1, 4, 1, 8, torch.float64), (2, 8, 2, 16, torch.float32)]
     sessions, seqs = [], []
     for i, (nl, h, hkv, d, dt) in enumerate(specs):
@@ -181,13 +183,15 @@ def test_exact_against_the_float64_formula(service):
     with pytest.raises(ServeError) as e:
         c.attend(sessions[0], 0, q[0], k[0], v[0])
     assert e.value.status == 404 and sessions[0] in e.value.message
+    assert c._door == ("" if transport == "http" else f"tcp://127.0.0.1:{c.health()['tensor_port']}")
 
 
-def test_attend_many_sessions_in_one_request(service):
+@pytest.mark.parametrize("transport", ["auto", "http"])
+def test_attend_many_sessions_in_one_request(service, transport):
     """``Client.attend_many``: rows of several sessions -- two arenas (capacities differ), ragged lengths, one and
     several layers, LSE -- exact in one request; a request with one bad row is refused whole: nothing is stored for
-    the valid rows (their next answers stay exact)."""
-    c = service.client()
+    the valid rows (their next answers stay exact). Through the tensor door and over HTTP."""
+    c = service.client(transport=transport)
     caps = (100, 100, 120)  # the third session's shape differs: its own arena, a second group in the same step
     sessions = [c.create_session(layers=2, heads=4, kv_heads=2, head_dim=8, capacity=cap) for cap in caps]
     seqs = [Seq(2, 4, 2, 8, seed=20 + i) for i in range(3)]
@@ -247,6 +251,24 @@ def _post(address, path, body, ctype=CONTENT_TYPE, headers=None):
         return e.code, json.loads(e.read())["error"]
 
 
+def _door(address: str, frames: list[bytes], token: str | None = None) -> tuple[int, str | bytes]:
+    """One raw tensor-door request ``frames`` (``[rid, body]``): ``(status, the error message or the body)``."""
+    import zmq
+
+    port = Client(address, token=token).health()["tensor_port"]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(30_000), "no answer from the tensor door within 30 s"
+        rid, status, data = sock.recv_multipart()
+        assert rid == frames[0]
+        return int(status), json.loads(data)["error"] if int(status) >= 400 else data
+    finally:
+        sock.close()
+
+
 def test_malformed_requests_are_refused_and_change_nothing(service):
     """Two sessions with the same history; one gets every kind of bad request. Their next attends are bitwise
     equal, and the service keeps serving."""
@@ -283,6 +305,24 @@ def test_malformed_requests_are_refused_and_change_nothing(service):
         assert (got, True) == (status, words in msg), (words, got, msg)
     got, msg = _post(service.address, "/v1/sessions/nope/attend", good)
     assert got == 404 and "unknown session 'nope'" in msg
+    door = {"op": "attend", "session": a, "layers": [0]}
+    tensors = {"q": q[None], "k": k1[None], "v": v1[None]}
+    door_cases = [  # the tensor door: (body, status, words in the message)
+        (pickle.dumps({"q": q, "k": k1, "v": v1}), 400, "no pickle"),
+        (struct.pack("<I", 5) + b"{bad}", 400, "not UTF-8 JSON"),
+        (encode(door, tensors)[:-7], 400, "truncated body"),
+        (encode({**door, "op": None}, tensors), 400, "op = None; the tensor door takes append, attend, attend_many"),
+        (encode({**door, "op": "create"}, tensors), 400, "op = 'create'"),
+        (encode({k: x for k, x in door.items() if k != "session"}, tensors), 400, "session = None"),
+        (encode({**door, "session": "nope"}, tensors), 404, "unknown session 'nope'"),
+        (encode(door, {**tensors, "q": q[None].double()}), 400, "q.dtype = float64"),
+        (encode(door, {**tensors, "k": k1[None, :1, :0]}), 400, "k.shape"),
+        (encode({**door, "layers": [5]}, tensors), 400, "unknown layer 5"),
+        (encode({**door, "op": "append", "layer": 0}, {"k": k1, "v": v1.double()}), 400, "v.dtype = float64"),
+    ]
+    for i, (body, status, words) in enumerate(door_cases):
+        got, msg = _door(service.address, [b"r%d" % i, body])
+        assert (got, True) == (status, words in msg), (words, got, msg)
     # a full cache: 60 + 5 > 64 -> nothing stored (then 4 more fit exactly)
     k5, v5 = seq.new_kv(5)
     with pytest.raises(ServeError) as e:
@@ -380,9 +420,17 @@ def test_limits_and_token():
             c.create_session(layers=1, heads=2, kv_heads=1, head_dim=8, capacity=100)
         assert e.value.status == 429 and "2 sessions open, serve.max_sessions = 2" in e.value.message
         big = torch.zeros(1, 100, 8)
-        with pytest.raises(ServeError) as e:
-            c.append(a, 0, big, big)
-        assert e.value.status == 413 and "serve.max_request_bytes = 4096" in e.value.message
+        for transport in ("http", "auto"):  # HTTP: the service's 413; the door: the client checks before sending
+            with pytest.raises(ServeError) as e:
+                c.append(a, 0, big, big) if transport == "auto" else s.client(token=token, transport="http").append(
+                    a, 0, big, big)
+            assert e.value.status == 413 and "serve.max_request_bytes = 4096" in e.value.message
+        head = {"op": "append", "session": a, "layer": 0}
+        got, msg = _door(s.address, [b"1", encode({**head, "auth": token}, {"k": big, "v": big})], token)
+        assert got == 413 and "request body of 6" in msg and "serve.max_request_bytes = 4096" in msg  # a raw sender
+        for auth in ({}, {"auth": "wrong-token-1234"}, {"auth": 12345}):
+            got, msg = _door(s.address, [b"2", encode({**head, **auth}, {"k": big[:, :1], "v": big[:, :1]})], token)
+            assert got == 401 and "token" in msg, (auth, got, msg)
         assert c.append(a, 0, big[:, :10], big[:, :10]) == 10
         c.delete_session(a)
         with pytest.raises(ServeError) as e:  # within the token budget, but not in this machine's memory
@@ -401,18 +449,25 @@ def test_non_loopback_host_needs_a_token():
     assert r.returncode == 2 and "not a loopback address" in r.stderr and "SEQPAR_SERVE_TOKEN" in r.stderr
 
 
-def _pending_attends(s: Service, n: int):
-    """``n`` clients each send an attend that cannot complete (rank 1 is stopped); returns their outcomes."""
+def _pending_attends(s: Service, n: int, door: bool):
+    """``n`` clients each send an attend that cannot complete (rank 1 is stopped): the first over HTTP (the
+    service reads it; the step loop then waits on rank 1), the others over HTTP too (all ``n`` pending: the HTTP
+    thread reads them), or (``door``) through the tensor door: they wait in its socket, unread, and are sent
+    within milliseconds, while the heartbeat timeout is seconds away. Returns the threads and their outcomes."""
     c = s.client()
     sid = c.create_session(layers=1, heads=2, kv_heads=1, head_dim=8, capacity=64)
     c.append(sid, 0, torch.ones(1, 4, 8), torch.ones(1, 4, 8))
+    clients = [s.client(timeout=60, transport="auto" if i and door else "http") for i in range(n)]
+    for cl in clients:
+        cl.health()  # connected before the stall: the door clients only send below
+        cl._door_socket()
     os.kill(s.ranks[1], signal.SIGSTOP)
     results: list = [None] * n
 
     def one(i):
         t0 = time.monotonic()
         try:
-            s.client(timeout=60).attend(sid, 0, torch.ones(2, 1, 8), torch.ones(1, 1, 8), torch.ones(1, 1, 8))
+            clients[i].attend(sid, 0, torch.ones(2, 1, 8), torch.ones(1, 1, 8), torch.ones(1, 1, 8))
             results[i] = ("answered", time.monotonic() - t0)
         except ServeError as e:
             results[i] = (e.status, e.message, time.monotonic() - t0)
@@ -420,16 +475,19 @@ def _pending_attends(s: Service, n: int):
             results[i] = ("unavailable", str(e))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
+    threads[0].start()
+    wait_for(lambda: c.health()["pending"] == 1, 30, "the first request pending")
+    for t in threads[1:]:
         t.start()
-    wait_for(lambda: c.health()["pending"] == n, 30, f"{n} pending requests")
+    if not door:
+        wait_for(lambda: c.health()["pending"] == n, 30, f"{n} pending requests")
     return threads, results
 
 
 def test_a_stalled_rank_fails_every_pending_request_and_the_service_exits():
     s = Service("--timeout", "2")
     try:
-        threads, results = _pending_attends(s, 3)
+        threads, results = _pending_attends(s, 3, door=True)
         for t in threads:
             t.join(timeout=60)
         rc = s.wait(60)
@@ -446,7 +504,7 @@ def test_a_stalled_rank_fails_every_pending_request_and_the_service_exits():
 def test_a_killed_rank_fails_every_pending_request_before_the_timeout():
     s = Service("--timeout", "30")
     try:
-        threads, results = _pending_attends(s, 2)
+        threads, results = _pending_attends(s, 2, door=False)
         os.kill(s.ranks[1], signal.SIGKILL)
         for t in threads:
             t.join(timeout=60)

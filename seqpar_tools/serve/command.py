@@ -48,9 +48,9 @@ def run_rank(rank: int, world_size: int, cfg: Config, token: str | None, on_fata
 
     def ready(svc: Service) -> None:
         sv = cfg.serve
-        print(f"seqpar serve: ready on {svc.address} ({world_size} ranks, capacity {sv.capacity_tokens} tokens per "
-              f"rank, {'token required' if token else 'no token'}, batch window {sv.batch_window_ms:g} ms)",
-              flush=True)
+        print(f"seqpar serve: ready on {svc.address} (tensor door tcp port {svc.door.port}, {world_size} ranks, "
+              f"capacity {sv.capacity_tokens} tokens per rank, {'token required' if token else 'no token'}, "
+              f"batch window {sv.batch_window_ms:g} ms)", flush=True)
 
     Service(cfg.serve, token=token, world_size=world_size, on_fatal=on_fatal, on_ready=ready).serve()
 

@@ -1,9 +1,11 @@
 """One rank of the attention service.
 
-Rank 0 runs an aiohttp server in a thread (the front door) and the step loop in its main thread; every other
-rank runs the step loop only::
+Rank 0 has two doors: an aiohttp server in a thread (the whole API: sessions, stats, health, and appends and
+attends too) and the tensor door, a ZeroMQ socket for appends and attends that its step loop (the main thread)
+reads and answers itself (:mod:`.door`). Every other rank runs the step loop only::
 
-    HTTP thread (rank 0)     parse + frame checks, token, size limit -> inbox (a request and its future)
+    HTTP thread (rank 0)     parse + frame checks, token, size limit -> inbox (a request and its future), wake
+    tensor door (rank 0)     the step loop polls it with the wake-up pipe; frame checks, token, size limit
     step loop (rank 0)       take the first request, wait at most batch_window_ms from its arrival for more
                              (up to max_batch, one per session; not at all when every recently active session
                              is in the batch already); validate each against the sessions (4xx answered at
@@ -42,11 +44,13 @@ from typing import Any
 import torch
 
 from seqpar.client import CONTENT_TYPE, FrameError, decode, encode
+from seqpar_tools.serve.door import MAX_RID, Door
 from seqpar_tools.serve.engine import TORCH_DTYPES, Engine
 
 HEARTBEAT_S = 0.1
 _STEP, _TICK, _STOP = 0, 1, 2
 _CREATE_KEYS = ("layers", "heads", "kv_heads", "head_dim", "dtype", "capacity")
+DOOR_OPS = ("append", "attend", "attend_many")  # what the tensor door takes; the rest is HTTP
 
 
 class Reject(Exception):
@@ -66,18 +70,19 @@ def _ok_json(payload: dict) -> tuple[int, bytes, str]:
 
 
 class Pending:
-    """A request waiting for its answer; ``reply`` may be called from any thread, once.
+    """A request waiting for its answer; ``reply`` may be called from any thread, once. ``send`` delivers the
+    answer: to the HTTP thread's future (``fut``), or onto the tensor door's socket.
 
     A batch attend (``attend_many``) carries one ``attend`` Pending per session in ``parts`` (each with ``parent``
     and ``index``): they are validated together (one bad part refuses the whole request, nothing stored) and
     answered together once every part's result is in ``results``."""
 
-    __slots__ = ("kind", "sid", "sids", "header", "tensors", "t0", "fut", "loop", "done", "parts", "parent", "index",
+    __slots__ = ("kind", "sid", "sids", "header", "tensors", "t0", "send", "fut", "done", "parts", "parent", "index",
                  "results")
 
-    def __init__(self, kind, sid, header, tensors, fut, loop, parts=None):
+    def __init__(self, kind, sid, header, tensors, send, fut=None, parts=None):
         self.kind, self.sid, self.header, self.tensors = kind, sid, header, tensors
-        self.t0, self.fut, self.loop, self.done = time.monotonic(), fut, loop, False
+        self.t0, self.send, self.fut, self.done = time.monotonic(), send, fut, False
         self.parts, self.parent, self.index = parts or [], None, 0
         self.sids = {x.sid for x in self.parts} if parts else {sid}
         self.results: dict[int, tuple] = {}
@@ -85,11 +90,7 @@ class Pending:
             part.parent, part.index = self, i
 
     def reply(self, answer: tuple[int, bytes, str]) -> None:
-        def _set():
-            if not self.fut.done():
-                self.fut.set_result(answer)
-
-        self.loop.call_soon_threadsafe(_set)
+        self.send(answer)
 
 
 class Bus:
@@ -265,7 +266,8 @@ class Service:
     async def _health(self, request):
         ages = self.hb.ages() if self.hb else [0.0]
         return self._respond(*_ok_json({"status": "draining" if self.draining else "ok", "world_size": self.world_size,
-                                        "address": self.address, "heartbeat_age_s": ages,
+                                        "address": self.address, "tensor_port": self.door.port,
+                                        "max_request_bytes": self.cfg.max_request_bytes, "heartbeat_age_s": ages,
                                         "pending": len(self.pending)}))
 
     def _handle(self, kind: str):
@@ -277,10 +279,10 @@ class Service:
                 return self._respond(*_err(e.status, e.message))
             with self.lock:
                 if self.closing or self.draining:
-                    why = "draining (shutting down)" if not self.aborting else "failed (see the earlier errors)"
-                    return self._respond(*_err(503, f"the service is {why}; no new requests"))
+                    return self._respond(*self._closed())
                 self.pending.add(p)
                 self.inbox.put(p)
+            self.door.wake()
             self.responding += 1
             try:
                 answer = await p.fut
@@ -323,10 +325,18 @@ class Service:
             except FrameError as e:
                 raise Reject(400, f"{kind}: {e}") from None
         loop = asyncio.get_running_loop()
-        parts = self._split(header, tensors, loop) if kind == "attend_many" else None
-        return Pending(kind, sid, header, tensors, loop.create_future(), loop, parts)
+        fut = loop.create_future()
 
-    def _split(self, header: dict, tensors: dict, loop) -> list[Pending]:
+        def send(answer, fut=fut):
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(answer))
+
+        return self._pending(kind, sid, header, tensors, send, fut)
+
+    def _pending(self, kind: str, sid, header: dict, tensors: dict, send, fut=None) -> Pending:
+        parts = self._split(header, tensors) if kind == "attend_many" else None
+        return Pending(kind, sid, header, tensors, send, fut, parts)
+
+    def _split(self, header: dict, tensors: dict) -> list[Pending]:
         """A batch attend -> one ``attend`` part per session (its frame's structure checked here, the parts against
         the sessions in the step loop). Body: ``{"sessions": [...], "layers", "scale", "return_lse"}`` and ``q (B, L,
         H, T, D)``, ``k, v (B, L, H_kv, T, D)``, row ``i`` for ``sessions[i]``."""
@@ -347,8 +357,60 @@ class Service:
                               + (f" ({', '.join(f'{n}: {tuple(tensors[n].shape)}' for n in bad if n in tensors)})"
                                  if bad else ""))
         sub = {k: v for k, v in header.items() if k != "sessions"}
-        return [Pending("attend", sid, sub, {n: tensors[n][i] for n in ("q", "k", "v")}, None, loop)
+        return [Pending("attend", sid, sub, {n: tensors[n][i] for n in ("q", "k", "v")}, None)
                 for i, sid in enumerate(sids)]
+
+    def _closed(self) -> tuple[int, bytes, str]:
+        why = "draining (shutting down)" if not self.aborting else "failed (see the earlier errors)"
+        return _err(503, f"the service is {why}; no new requests")
+
+    # -- the tensor door (ZeroMQ; read and answered by the step loop itself, see .door) ----------------
+    def _take(self, frames: list) -> Pending | None:
+        """A door message ``[identity, rid, body]`` -> a pending request, or None when it was answered at once
+        (malformed, wrong token, draining) or cannot be answered (not two frames: not a seqpar client)."""
+        if len(frames) != 3 or len(frames[1]) > MAX_RID:
+            return None
+        t0 = time.monotonic()
+        ident, rid = frames[0].bytes, frames[1].bytes
+
+        def send(answer, ident=ident, rid=rid):
+            self.door.send(ident, rid, answer[0], answer[1])
+
+        kind = "invalid"
+        try:
+            body = frames[2].buffer
+            limit = self.cfg.max_request_bytes
+            if len(body) > limit:
+                raise Reject(413, f"request body of {len(body)} bytes exceeds serve.max_request_bytes = {limit}")
+            try:
+                header, tensors = decode(body)
+            except FrameError as e:
+                raise Reject(400, f"tensor door: {e}") from None
+            auth = header.pop("auth", None)
+            if self.token is not None and not (isinstance(auth, str)
+                                               and hmac.compare_digest(auth.encode(), self.token.encode())):
+                raise Reject(401, 'missing or wrong token (the request header\'s "auth")')
+            op = header.pop("op", None)
+            if op not in DOOR_OPS:
+                raise Reject(400, f"op = {op!r}; the tensor door takes {', '.join(DOOR_OPS)} (sessions, stats and "
+                                  "health: HTTP)")
+            kind, sid = op, None
+            if op != "attend_many":
+                sid = header.pop("session", None)
+                if not isinstance(sid, str):
+                    raise Reject(400, f"{op}: session = {sid!r}; expected a session id")
+            p = self._pending(op, sid, header, tensors, send)
+            p.t0 = t0
+        except Reject as e:
+            self._count(kind, e.status, None)
+            send(_err(e.status, e.message))
+            return None
+        with self.lock:
+            if self.closing or self.draining:
+                send(self._closed())
+                return None
+            self.pending.add(p)
+        return p
 
     def _finish(self, p: Pending, answer: tuple[int, bytes, str]) -> None:
         p = p.parent or p  # a part's error answers its batch request
@@ -368,6 +430,7 @@ class Service:
 
     # -- the step loop ------------------------------------------------------------------------------
     def serve(self) -> None:
+        self.door = Door(self.cfg.host, self.cfg.tensor_port, self.cfg.max_request_bytes)
         self._start_http()
         threading.Thread(target=self._watch, name="seqpar-serve-watch", daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -382,21 +445,32 @@ class Service:
         t0 = time.monotonic()
         while (self.responding or self.pending) and time.monotonic() - t0 < 10:  # the last answers leave (bounded)
             time.sleep(0.01)
+        self.door.refuse_queued(*self._closed()[:2])
+        self.door.close()
         self.http_loop.call_soon_threadsafe(self.http_loop.stop)
 
     def _drain(self, signum, frame) -> None:
         self.draining = True
-        # wake the step loop (a thread: the handler may run while this thread holds the inbox's lock)
-        threading.Thread(target=self.inbox.put, args=(None,), daemon=True).start()
+        self.door.wake()
 
     def _next(self, carry: collections.deque, timeout: float) -> Pending | None:
-        """The next request (postponed ones first); None on timeout or the drain's wake-up."""
+        """The next request (postponed ones first, then HTTP's, then the door's); None after ``timeout`` (whole
+        milliseconds, rounded down) or, when draining, as soon as none is waiting."""
         if carry:
             return carry.popleft()
-        try:
-            return self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            frames = self.door.poll(deadline - time.monotonic())
+            if frames is not None:
+                p = self._take(frames)
+                if p is not None:
+                    return p
+            elif self.draining or deadline - time.monotonic() < 0.001:
+                return None
 
     def _loop(self) -> None:
         carry: collections.deque[Pending] = collections.deque()
@@ -531,8 +605,13 @@ class Service:
         out = {"out": torch.stack([r[0] for r in rows])}
         if parent.header.get("return_lse"):
             out["lse"] = torch.stack([r[1] for r in rows])
-        head = {"world_size": self.world_size, "lengths": [r[2] for r in rows], "step_ms": round(self.apply_ms, 4)}
+        head = {"world_size": self.world_size, "lengths": [r[2] for r in rows], **self._times(parent)}
         self._finish(parent, (200, encode(head, out), CONTENT_TYPE))
+
+    def _times(self, p: Pending) -> dict:
+        """For benchmarks: ``step_ms`` rank 0's time in the step (compute + collectives), ``server_ms`` from the
+        request's arrival (its body read) to this answer: the client's round trip minus it is the transport's."""
+        return {"step_ms": round(self.apply_ms, 4), "server_ms": round((time.monotonic() - p.t0) * 1000, 4)}
 
     def _attend_answer(self, p: Pending, op: dict, res: dict, j: int) -> tuple[int, bytes, str]:
         s = self.engine.sessions[p.sid]
@@ -542,7 +621,7 @@ class Service:
         if p.header.get("return_weights"):
             for r, (pos, w) in enumerate(res["weights"][j]):
                 out[f"pos{r}"], out[f"w{r}"] = pos, w
-        head = {"world_size": self.world_size, "length": s.length(op["layers"][0]), "step_ms": round(self.apply_ms, 4)}
+        head = {"world_size": self.world_size, "length": s.length(op["layers"][0]), **self._times(p)}
         return 200, encode(head, out), CONTENT_TYPE
 
     # -- validation against the sessions (rank 0, before a step) ----------------------------------------
@@ -702,9 +781,10 @@ class Service:
     def _abort(self, reason: str, wait_for_silence: bool = False) -> None:
         """Answer every pending request 503 naming the rank(s), report, exit 1. Never returns."""
         with self.lock:
-            if self.aborting:
-                return
+            second = self.aborting
             self.aborting = self.closing = True
+        if second:  # another thread is answering and will exit the process: this one must not go on (nor exit)
+            threading.Event().wait()
         if wait_for_silence and self.hb is not None:  # whose heartbeat stopped? (up to 1 s to tell)
             t0 = time.monotonic()
             silent: list[int] = []
@@ -729,10 +809,12 @@ class Service:
                 break
             if p is not None:
                 self._finish(p, _err(503, msg))
+        queued = self.door.refuse_queued(*_err(503, msg)[:2])  # sent, not yet read by the stuck loop
+        self.door.close()  # the door's answers leave (bounded by its linger)
         t0 = time.monotonic()
         while self.responding and time.monotonic() - t0 < 3.0:  # let the answers leave (bounded)
             time.sleep(0.01)
-        print(f"seqpar serve: error: {msg} ({len(waiting)} pending requests answered 503)", file=sys.stderr,
+        print(f"seqpar serve: error: {msg} ({len(waiting) + queued} pending requests answered 503)", file=sys.stderr,
               flush=True)
         if self.on_fatal:
             try:
