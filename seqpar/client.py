@@ -245,7 +245,9 @@ class Client:
             # not IMMEDIATE: with it, libzmq discards answers not yet read when the connection drops (measured: a
             # failing service's 503 lost); a request sent while disconnected waits in the socket, closed on timeout
             sock.setsockopt(zmq.IPV6, int(":" in self.host))
-            self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # a service gone: fail now, not at timeout
+            # the connection's state: a service gone fails a request now, not at its timeout
+            self._mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._up = False
             sock.connect(self._door)
             self._poller = zmq.Poller()
             self._poller.register(sock, zmq.POLLIN)
@@ -270,8 +272,7 @@ class Client:
         rid = struct.pack("<Q", self._rid)
         deadline = time.monotonic() + self.timeout
         try:
-            while self._mon.poll(0):  # a connection lost before this request: ZeroMQ has reconnected since
-                self._mon.recv_multipart()
+            sock = self._connected(deadline)
             sock.send_multipart([rid, body], copy=False)
             while True:  # answers to earlier requests that timed out are dropped
                 left = deadline - time.monotonic()
@@ -281,12 +282,14 @@ class Client:
                     if len(frames) == 3 and frames[0] == rid:
                         break
                 elif ready:
-                    raise ConnectionError("the service closed the connection before answering")
+                    if not self._event():
+                        raise ConnectionError("the service closed the connection before answering")
                 else:
                     raise TimeoutError(f"no answer within timeout = {self.timeout:g} s")
         except (zmq.ZMQError, TimeoutError, ConnectionError) as e:
-            self._close_door()  # a fresh socket next time: nothing stale queued or arriving
-            raise ServeUnavailable(f"seqpar service's tensor door {self._door}: {e!r} during {op}") from e
+            door, self._door = self._door, None  # asked again next time: a restarted service has a new door
+            self._close_door()  # and a fresh socket: nothing stale queued or arriving
+            raise ServeUnavailable(f"seqpar service's tensor door {door}: {e!r} during {op}") from e
         status = int(frames[1])
         if status >= 400:
             try:
@@ -295,6 +298,36 @@ class Client:
                 msg = frames[2][:500].decode("utf-8", "replace")
             raise ServeError(status, msg)
         return frames[2]
+
+    def _event(self) -> bool:
+        """Read one connection event; True if the connection is up."""
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        self._up = recv_monitor_message(self._mon)["event"] == zmq.EVENT_CONNECTED
+        return self._up
+
+    def _connected(self, deadline: float) -> Any:
+        """The door's socket once its connection is up (a fresh one: milliseconds). Nothing is sent before: a
+        service that went away fails here at once (HTTP's health is refused), one restarted at the same address
+        is found with its new door, and a request never waits in a socket that nothing reads."""
+        while self._mon.poll(0):
+            self._event()
+        while not self._up:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no connection to the tensor door within timeout = {self.timeout:g} s")
+            if self._mon.poll(max(1, int(min(left, 0.5) * 1000))):
+                self._event()
+                continue
+            h = self.health()  # half a second without a connection: is the service there? (ServeUnavailable if not)
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            door = f"tcp://{host}:{h.get('tensor_port')}"
+            if door != self._door:  # restarted: its new door (nothing was sent to the old one)
+                self._close_door()
+                self._door = door
+                self._door_socket()
+        return self._sock
 
     def _close_door(self) -> None:
         if self._sock is not None:

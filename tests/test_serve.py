@@ -518,6 +518,36 @@ def test_a_killed_rank_fails_every_pending_request_before_the_timeout():
         assert r[2] < 30  # noticed from the failed collective, not the 30 s timeout
 
 
+def test_the_client_finds_a_restarted_service_and_fails_at_once_when_it_is_gone():
+    """A door client whose service was restarted at the same address (a new tensor door) finds it -- the old
+    session is unknown there (404), a new one is exact; when the service is gone, the next request raises
+    ServeUnavailable at once (the HTTP health check is refused), not at the client's 60 s timeout."""
+    a = Service()
+    port = a.address.rsplit(":", 1)[1]
+    c = a.client(timeout=60)
+    sid = c.create_session(layers=1, heads=2, kv_heads=1, head_dim=8, capacity=64)
+    assert c.append(sid, 0, torch.ones(1, 3, 8), torch.ones(1, 3, 8)) == 3
+    old = c._door
+    assert a.stop() == 0
+    b = Service("--port", port)
+    try:
+        assert b.address == a.address
+        with pytest.raises(ServeError) as e:
+            c.append(sid, 0, torch.ones(1, 1, 8), torch.ones(1, 1, 8))
+        assert e.value.status == 404 and sid in e.value.message
+        assert c._door != old and c._door == f"tcp://127.0.0.1:{c.health()['tensor_port']}"
+        s2 = c.create_session(layers=1, heads=2, kv_heads=1, head_dim=8, capacity=64)
+        v = torch.randn(1, 1, 8)
+        out = c.attend(s2, 0, torch.randn(2, 1, 8), torch.randn(1, 1, 8), v)  # one key: the output is its value
+        assert (out - v).abs().max() <= 1e-6
+    finally:
+        assert b.stop() == 0
+    t0 = time.monotonic()
+    with pytest.raises(ServeUnavailable):
+        c.attend(s2, 0, torch.randn(2, 1, 8), torch.randn(1, 1, 8), v)
+    assert time.monotonic() - t0 < 30
+
+
 @pytest.mark.parametrize("batch, prompt, new", [(1, 1024, 32), (3, 200, 12)])
 def test_hf_generation_with_the_cache_on_the_service(service, batch, prompt, new):
     """A single-process tiny random-init Llama generates 32 tokens after a 1k prompt (and a batch of 3 prompts:
