@@ -647,6 +647,10 @@ def test_bad_serve_config_is_refused_before_any_rank_starts(capsys):
     assert rc == 2
     for words in ("serve.port = 70000", "serve.max_batch = 0: must be >= 1", "serve.batch_window_ms = -1"):
         assert words in err, err
+    for key, val in (("run.device", "cuda"), ("run.backend", "nccl")):  # a GPU service is not built: not ignored
+        assert main(["serve", "--port", "0", "--set", f"{key}={val}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{key} = '{val}'" in err and "CPU memory" in err, err
 
 
 def _engine_batch(rank, world_size):

@@ -36,6 +36,16 @@ def check_token(cfg: Config, token: str | None) -> None:
         raise ConfigError("--token / SEQPAR_SERVE_TOKEN: needs >= 8 printable characters without spaces")
 
 
+def check_cpu(cfg: Config) -> None:
+    """The service's ranks hold their caches in CPU memory and talk over gloo (not yet on GPUs): refuse a config
+    that asks otherwise rather than ignore it."""
+    for key, val, bad in (("run.device", cfg.run.device, "cuda"), ("run.backend", cfg.run.backend, "nccl")):
+        if val == bad:
+            raise ConfigError(f"{cfg.origin(key)}: {key} = {val!r}: seqpar serve holds its caches in CPU memory and "
+                              "runs its ranks over gloo (a GPU service is not built yet); use 'cpu' / 'gloo' or "
+                              "'auto'")
+
+
 def run_rank(rank: int, world_size: int, cfg: Config, token: str | None, on_fatal=None) -> None:
     """The service on this rank (rank 0: HTTP + steps; others: steps), until drained."""
     import torch
@@ -72,12 +82,12 @@ def serve_command(cfg: Config, token: str | None) -> int:
     from seqpar_tools.runner import Pool, RankError, join
 
     check_token(cfg, token)
+    check_cpu(cfg)
     kind = launcher()
     world = resolve_world_size(cfg, launcher_world_size(), kind, 2)
     pg_timeout = 2 * cfg.serve.timeout_s
     if kind is not None:
-        join(_join_task, (cfg, token), backend=None if cfg.run.backend == "auto" else cfg.run.backend,
-             threads=cfg.run.threads_per_rank, timeout_s=pg_timeout)
+        join(_join_task, (cfg, token), backend="gloo", threads=cfg.run.threads_per_rank, timeout_s=pg_timeout)
         return 0
     pool = Pool(world, backend="gloo", device_type="cpu", threads=cfg.run.threads_per_rank, timeout_s=pg_timeout,
                 grace_s=cfg.serve.timeout_s + 5)
