@@ -11,8 +11,8 @@ token's K/V appended in the same request). W = 2 gloo ranks, one thread each.
    (one session of S tokens, filled by ``append``), and of the same call in-process: ``seqpar.decode_attention``
    on two ranks of a :class:`seqpar_tools.runner.Pool` over a :class:`seqpar.KVCache` holding S tokens (each
    call's slowest rank). The difference is the service's overhead: transport, framing, the step broadcast.
-   Both transports on one session, their calls alternating: the tensor door (ZeroMQ, the client's default)
-   and HTTP (``Client(..., transport="http")``).
+   Both transports on one session, taking turns of ``BLOCK`` calls (each turn's first call a warm-up, not
+   counted): the tensor door (ZeroMQ, the client's default) and HTTP (``Client(..., transport="http")``).
 2. **Throughput vs concurrency** at a 4k and a 256-token context: N client threads, each its own session, attending for
    ``--seconds``; requests/s with batching (``serve.max_batch = 32``, window 1 ms: concurrent attends of one
    arena go through one ``decode_attention`` per layer) and without (``serve.max_batch = 1``: one request
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from seqpar.client import Client  # noqa: E402
 
 H, HKV, D = 32, 8, 128
+BLOCK = 25  # latency: calls per turn of each transport
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -142,21 +143,22 @@ def latency(contexts: list[int], calls: int) -> list[dict]:
         for row in rows:
             s = row["context"]
             sid = clients["http"].create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D,
-                                                 capacity=s + 2 * calls + 8)
+                                                 capacity=s + 2 * calls + 2 * calls // BLOCK + 16)
             _fill(clients["http"], sid, s, g)
             times: dict = {name: [] for name in clients}
             over: dict = {name: [] for name in clients}
             wire: dict = {name: [] for name in clients}
-            for i in range(calls + 3):
-                for name, c in clients.items():  # the two transports alternate: the same machine state for both
-                    q, k, v = torch.randn(H, 1, D, generator=g), torch.randn(HKV, 1, D, generator=g), \
-                        torch.randn(HKV, 1, D, generator=g)
-                    t0 = time.perf_counter()
-                    c.attend(sid, 0, q, k, v)
-                    if i >= 3:
-                        times[name].append(time.perf_counter() - t0)
-                        over[name].append(times[name][-1] * 1e3 - c.last_step_ms)  # round trip minus rank 0's step
-                        wire[name].append(times[name][-1] * 1e3 - c.last_server_ms)  # minus arrival -> answer
+            for i in range(0, calls, BLOCK):  # the transports take turns, BLOCK calls each: the same machine state
+                for name, c in clients.items():  # for both, and only a block's first call follows the other's
+                    for j in range(-1, min(BLOCK, calls - i)):  # -1: a warm-up call, not counted
+                        q, k, v = torch.randn(H, 1, D, generator=g), torch.randn(HKV, 1, D, generator=g), \
+                            torch.randn(HKV, 1, D, generator=g)
+                        t0 = time.perf_counter()
+                        c.attend(sid, 0, q, k, v)
+                        if j >= 0:
+                            times[name].append(time.perf_counter() - t0)
+                            over[name].append(times[name][-1] * 1e3 - c.last_step_ms)  # round trip minus the step
+                            wire[name].append(times[name][-1] * 1e3 - c.last_server_ms)  # minus arrival -> answer
             clients["http"].delete_session(sid)
             for name in clients:
                 key = "service" if name == "door" else "http"
