@@ -653,6 +653,23 @@ def test_bad_serve_config_is_refused_before_any_rank_starts(capsys):
         assert f"{key} = '{val}'" in err and "CPU memory" in err, err
 
 
+@pytest.mark.parametrize("which", ["serve.port", "serve.tensor_port"])
+def test_a_port_in_use_is_one_clear_error_and_every_rank_stops(which):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "SEQPAR_SERVE_TOKEN"}
+        env["PYTHONPATH"] = str(ROOT)
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "seqpar_tools", "serve", "--port", "0", "--set", f"{which}={port}"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr and f"{which} = {port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and time.monotonic() - t0 < 30  # not the other rank's 2 x timeout_s wait
+
+
 def _engine_batch(rank, world_size):
     """A batched attend over scattered slots (two runs) with weights, through the engine on every rank."""
     from seqpar_tools.serve.engine import Engine

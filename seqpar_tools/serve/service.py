@@ -430,8 +430,12 @@ class Service:
 
     # -- the step loop ------------------------------------------------------------------------------
     def serve(self) -> None:
-        self.door = Door(self.cfg.host, self.cfg.tensor_port, self.cfg.max_request_bytes)
-        self._start_http()
+        try:
+            self.door = Door(self.cfg.host, self.cfg.tensor_port, self.cfg.max_request_bytes)
+            self._start_http()
+        except Exception as e:  # noqa: BLE001 - a port in use, an address not here: say so, stop every rank now
+            self._fail_start(f"cannot listen on {self.cfg.host} (serve.port = {self.cfg.port}, serve.tensor_port = "
+                             f"{self.cfg.tensor_port}): {e}")
         threading.Thread(target=self._watch, name="seqpar-serve-watch", daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._drain)
@@ -448,6 +452,14 @@ class Service:
         self.door.refuse_queued(*self._closed()[:2])
         self.door.close()
         self.http_loop.call_soon_threadsafe(self.http_loop.stop)
+
+    def _fail_start(self, msg: str) -> None:
+        """Nothing was served yet: report, let the spawner stop the other ranks at once, exit 1. Never returns."""
+        print(f"seqpar serve: error: {msg}", file=sys.stderr, flush=True)
+        if self.on_fatal:
+            self.on_fatal(msg)
+            time.sleep(0.5)  # the spawner's queue is flushed by a feeder thread that os._exit would cut off
+        os._exit(1)
 
     def _drain(self, signum, frame) -> None:
         self.draining = True
