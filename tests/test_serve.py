@@ -323,6 +323,9 @@ def test_malformed_requests_are_refused_and_change_nothing(service):
     for i, (body, status, words) in enumerate(door_cases):
         got, msg = _door(service.address, [b"r%d" % i, body])
         assert (got, True) == (status, words in msg), (words, got, msg)
+    for frames in ([b"r"], [b"r", encode(door, tensors), b"more"]):
+        got, msg = _door(service.address, frames)
+        assert got == 400 and "2 frames [rid, body]" in msg, (got, msg)
     # a full cache: 60 + 5 > 64 -> nothing stored (then 4 more fit exactly)
     k5, v5 = seq.new_kv(5)
     with pytest.raises(ServeError) as e:

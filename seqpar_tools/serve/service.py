@@ -368,7 +368,7 @@ class Service:
     def _take(self, frames: list) -> Pending | None:
         """A door message ``[identity, rid, body]`` -> a pending request, or None when it was answered at once
         (malformed, wrong token, draining) or cannot be answered (not two frames: not a seqpar client)."""
-        if len(frames) != 3 or len(frames[1]) > MAX_RID:
+        if len(frames) < 2 or len(frames[1]) > MAX_RID:
             return None
         t0 = time.monotonic()
         ident, rid = frames[0].bytes, frames[1].bytes
@@ -378,6 +378,8 @@ class Service:
 
         kind = "invalid"
         try:
+            if len(frames) != 3:
+                raise Reject(400, f"a tensor door request is 2 frames [rid, body]; got {len(frames) - 1}")
             body = frames[2].buffer
             limit = self.cfg.max_request_bytes
             if len(body) > limit:
