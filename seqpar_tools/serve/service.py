@@ -19,10 +19,10 @@ Attends of sessions in one arena with the same (layers, H, T, scale) form one ba
 a tick every ``timeout_s / 4`` so the other ranks' waits never reach the process group's timeout.
 
 Failures: a rank whose heartbeat stops for ``timeout_s`` (dead or stalled), a step running longer than
-``timeout_s``, or a collective that fails -> every pending request is answered ``503`` naming the rank(s)
-whose heartbeat stopped, the reason goes to stderr, and rank 0 exits with code 1 (the spawner or launcher
-then stops the other ranks). SIGTERM / SIGINT on rank 0: new requests get ``503 draining``, the queued ones
-are answered, then a stop step ends every rank's loop (exit 0).
+``timeout_s``, or a collective that fails -> every pending request (and every one still unread in the tensor
+door's socket) is answered ``503`` naming the rank(s) whose heartbeat stopped, the reason goes to stderr,
+and rank 0 exits with code 1 (the spawner or launcher then stops the other ranks). SIGTERM / SIGINT on rank 0:
+new requests get ``503 draining``, the queued ones are answered, then a stop step ends every rank's loop (exit 0).
 """
 
 from __future__ import annotations
