@@ -37,6 +37,7 @@ import struct
 import sys
 import time
 import urllib.parse
+import warnings
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,10 @@ class ServeError(RuntimeError):
 
 class ServeUnavailable(ConnectionError):
     """The service could not be reached, closed the connection, or did not answer within the timeout."""
+
+
+class _DoorUnreachable(Exception):
+    """The tensor door does not connect while HTTP answers (the client then uses HTTP)."""
 
 
 # -- frames -----------------------------------------------------------------------------------------
@@ -113,8 +118,8 @@ def decode(body: bytes | bytearray | memoryview, *, as_torch: bool = True) -> tu
                          f"(limit {_MAX_HEADER}): not a seqpar frame (the service accepts no pickle)")
     try:
         header = json.loads(bytes(body[4:4 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FrameError(f"header is not UTF-8 JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FrameError(f"header is not UTF-8 JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors", []), list):
         raise FrameError("header must be a JSON object with a 'tensors' list")
     tensors: dict[str, Any] = {}
@@ -123,11 +128,14 @@ def decode(body: bytes | bytearray | memoryview, *, as_torch: bool = True) -> tu
         if not isinstance(meta, dict) or set(meta) != {"name", "dtype", "shape"}:
             raise FrameError(f"tensors[{i}] = {meta!r}: expected {{'name', 'dtype', 'shape'}}")
         name, dtype, shape = meta["name"], meta["dtype"], meta["shape"]
-        if dtype not in DTYPES:
+        if not isinstance(name, str) or name in tensors:
+            raise FrameError(f"tensors[{i}]: name {name!r}; expected a string, once per frame")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise FrameError(f"tensor {name!r}: dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**48
                                                   for s in shape) or len(shape) > 8:
-            raise FrameError(f"tensor {name!r}: shape {shape!r}; expected a list of <= 8 ints >= 0")
+            raise FrameError(f"tensor {name!r}: shape {str(shape)[:200]}; expected a list of <= 8 ints in "
+                             "0 .. 2**48 - 1")
         count = 1
         for n in shape:  # Python ints: no overflow from a hostile shape
             count *= n
@@ -182,6 +190,7 @@ class Client:
         self._sock: Any = None
         self._limit: int | None = None
         self._rid = 0
+        self._ever_up = False  # the door's connection came up once (else, when HTTP answers: unreachable from here)
         self.last_step_ms: float | None = None  # the last attend's times in the service, for benchmarks: the step
         self.last_server_ms: float | None = None  # on rank 0, and from the request's arrival to its answer
 
@@ -224,17 +233,19 @@ class Client:
     def _door_socket(self) -> Any:
         """The tensor door's DEALER socket (connected once), or None: everything over HTTP."""
         if self._door is None:
-            self._door = ""
+            door = ""
             if self.transport == "auto":
                 try:
                     import zmq  # noqa: F401
                 except ImportError:
+                    self._door = ""
                     return None
-                h = self.health()
+                h = self.health()  # may raise: then asked again next time
                 self._limit = h.get("max_request_bytes")
                 if h.get("tensor_port"):
                     host = f"[{self.host}]" if ":" in self.host else self.host
-                    self._door = f"tcp://{host}:{h['tensor_port']}"
+                    door = f"tcp://{host}:{h['tensor_port']}"
+            self._door = door
         if not self._door:
             return None
         if self._sock is None:
@@ -248,6 +259,7 @@ class Client:
             # the connection's state: a service gone fails a request now, not at its timeout
             self._mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             self._up = False
+            self._since = time.monotonic()
             sock.connect(self._door)
             self._poller = zmq.Poller()
             self._poller.register(sock, zmq.POLLIN)
@@ -272,7 +284,15 @@ class Client:
         rid = struct.pack("<Q", self._rid)
         deadline = time.monotonic() + self.timeout
         try:
-            sock = self._connected(deadline)
+            try:
+                sock = self._connected(deadline)
+            except _DoorUnreachable as e:  # nothing was sent: this request and the next ones go over HTTP
+                warnings.warn(f"seqpar.client: the service's tensor door {e} does not connect from here while its "
+                              f"HTTP at {self.host}:{self.port} answers; using HTTP (open that port for the door's "
+                              "speed, or pass transport='http' to skip this check)", RuntimeWarning, stacklevel=3)
+                self._close_door()
+                self.transport, self._door = "http", ""
+                return self._tensor_request(op, session, header, tensors)
             sock.send_multipart([rid, body], copy=False)
             while True:  # answers to earlier requests that timed out are dropped
                 left = deadline - time.monotonic()
@@ -325,8 +345,11 @@ class Client:
             door = f"tcp://{host}:{h.get('tensor_port')}"
             if door != self._door:  # restarted: its new door (nothing was sent to the old one)
                 self._close_door()
-                self._door = door
+                self._door, self._ever_up = door, False
                 self._door_socket()
+            elif not self._ever_up and time.monotonic() - self._since > 2.0:
+                raise _DoorUnreachable(door)  # HTTP answers, the door never connected: not reachable from here
+        self._ever_up = True
         return self._sock
 
     def _close_door(self) -> None:

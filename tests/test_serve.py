@@ -269,6 +269,10 @@ def _door(address: str, frames: list[bytes], token: str | None = None) -> tuple[
         sock.close()
 
 
+def _raw_frame(header: bytes, nbytes: int = 0) -> bytes:
+    return struct.pack("<I", len(header)) + header + bytes(nbytes)
+
+
 def test_malformed_requests_are_refused_and_change_nothing(service):
     """Two sessions with the same history; one gets every kind of bad request. Their next attends are bitwise
     equal, and the service keeps serving."""
@@ -319,6 +323,12 @@ def test_malformed_requests_are_refused_and_change_nothing(service):
         (encode(door, {**tensors, "k": k1[None, :1, :0]}), 400, "k.shape"),
         (encode({**door, "layers": [5]}, tensors), 400, "unknown layer 5"),
         (encode({**door, "op": "append", "layer": 0}, {"k": k1, "v": v1.double()}), 400, "v.dtype = float64"),
+        (encode({**door, "scale": 10**400}, tensors), 400, "scale = 1000"),  # beyond float: once a crash
+        (_raw_frame(b"[" * 200_000), 400, "RecursionError"),  # once a crash of the whole service, like the next two
+        (_raw_frame(json.dumps({"tensors": [{"name": [1], "dtype": "float32", "shape": [1]}]}).encode(), 4), 400,
+         "expected a string"),
+        (_raw_frame(json.dumps({"tensors": [{"name": "q", "dtype": "float32", "shape": [0, 2**70]}]}).encode()), 400,
+         "0 .. 2**48 - 1"),
     ]
     for i, (body, status, words) in enumerate(door_cases):
         got, msg = _door(service.address, [b"r%d" % i, body])
@@ -337,6 +347,9 @@ def test_malformed_requests_are_refused_and_change_nothing(service):
     got, msg = _post(service.address, "/v1/sessions", b'{"layers": 1, "heads": 4, "kv_heads": 2, "head_dim": 8, '
                      b'"capacity": 9, "dtype": "int8"}', "application/json")
     assert got == 400 and "dtype = 'int8'" in msg
+    got, msg = _post(service.address, "/v1/sessions", b'{"layers": 1, "heads": 4, "kv_heads": 2, "head_dim": 8, '
+                     b'"capacity": 9, "dtype": []}', "application/json")
+    assert got == 400 and "dtype = []" in msg  # an unhashable dtype: once a crash of the whole service
     outs = [c.attend(s, 0, q, k1, v1, return_lse=True) for s in (a, b)]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     seq.add(0, k, v)
@@ -431,7 +444,7 @@ def test_limits_and_token():
         head = {"op": "append", "session": a, "layer": 0}
         got, msg = _door(s.address, [b"1", encode({**head, "auth": token}, {"k": big, "v": big})], token)
         assert got == 413 and "request body of 6" in msg and "serve.max_request_bytes = 4096" in msg  # a raw sender
-        for auth in ({}, {"auth": "wrong-token-1234"}, {"auth": 12345}):
+        for auth in ({}, {"auth": "wrong-token-1234"}, {"auth": 12345}, {"auth": "\ud800"}):
             got, msg = _door(s.address, [b"2", encode({**head, **auth}, {"k": big[:, :1], "v": big[:, :1]})], token)
             assert got == 401 and "token" in msg, (auth, got, msg)
         assert c.append(a, 0, big[:, :10], big[:, :10]) == 10
@@ -545,10 +558,59 @@ def test_the_client_finds_a_restarted_service_and_fails_at_once_when_it_is_gone(
         assert (out - v).abs().max() <= 1e-6
     finally:
         assert b.stop() == 0
-    t0 = time.monotonic()
-    with pytest.raises(ServeUnavailable):
-        c.attend(s2, 0, torch.randn(2, 1, 8), torch.randn(1, 1, 8), v)
-    assert time.monotonic() - t0 < 30
+    for _ in range(2):  # the second asks HTTP's health for the door, and is refused too
+        t0 = time.monotonic()
+        with pytest.raises(ServeUnavailable):
+            c.attend(s2, 0, torch.randn(2, 1, 8), torch.randn(1, 1, 8), v)
+        assert time.monotonic() - t0 < 30
+    third = Service("--port", port)  # back again: the client uses its door again, not HTTP for good
+    try:
+        s3 = c.create_session(layers=1, heads=2, kv_heads=1, head_dim=8, capacity=64)
+        assert (c.attend(s3, 0, torch.randn(2, 1, 8), torch.randn(1, 1, 8), v) - v).abs().max() <= 1e-6
+        assert c._door == f"tcp://127.0.0.1:{c.health()['tensor_port']}" and c._sock is not None
+    finally:
+        assert third.stop() == 0
+
+
+def test_a_door_that_does_not_connect_while_http_answers_means_http():
+    """A client that reaches the HTTP port but not the tensor door (only HTTP forwarded: here a TCP forwarder on
+    127.0.0.2) warns once and sends its appends and attends over HTTP -- exact -- instead of timing out."""
+    import socket
+    import socketserver
+
+    s = Service()
+    http_port = int(s.address.rsplit(":", 1)[1])
+
+    class Forward(socketserver.BaseRequestHandler):  # one HTTP connection, both directions
+        def handle(self):
+            with socket.create_connection(("127.0.0.1", http_port)) as up:
+                def pump(a, b):
+                    while data := a.recv(65536):
+                        b.sendall(data)
+                    b.shutdown(socket.SHUT_WR)
+
+                t = threading.Thread(target=pump, args=(up, self.request), daemon=True)
+                t.start()
+                pump(self.request, up)
+                t.join(30)
+
+    fwd = socketserver.ThreadingTCPServer(("127.0.0.2", 0), Forward)
+    fwd.daemon_threads = True
+    threading.Thread(target=fwd.serve_forever, daemon=True).start()
+    box = {"port": fwd.server_address[1]}
+    try:
+        c = Client(f"http://127.0.0.2:{box['port']}", timeout=30)
+        sid = c.create_session(layers=1, heads=2, kv_heads=1, head_dim=8, capacity=64)
+        v = torch.randn(1, 1, 8)
+        with pytest.warns(RuntimeWarning, match="does not connect from here"):
+            out = c.attend(sid, 0, torch.randn(2, 1, 8), torch.randn(1, 1, 8), v)
+        assert (out - v).abs().max() <= 1e-6 and c.transport == "http" and c._door == ""
+        assert c.append(sid, 0, torch.randn(1, 2, 8), torch.randn(1, 2, 8)) == 3  # HTTP from now on, no wait
+    finally:
+        c.close()
+        fwd.shutdown()
+        fwd.server_close()
+        assert s.stop() == 0
 
 
 @pytest.mark.parametrize("batch, prompt, new", [(1, 1024, 32), (3, 200, 12)])

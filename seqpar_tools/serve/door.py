@@ -25,6 +25,7 @@ import fcntl
 import ipaddress
 import os
 import threading
+import time
 
 POLL_S = 0.05  # the longest the loop holds the socket's lock in one poll
 MAX_RID = 64
@@ -81,17 +82,19 @@ class Door:
     def poll(self, timeout_s: float) -> list | None:
         """Wait at most ``timeout_s`` (whole milliseconds, rounded down: never longer): one message's frames
         ``[identity, *frames]``, or None (timeout, or a wake-up)."""
+        wait = max(0, int(min(timeout_s, POLL_S) * 1000))
         with self.lock:
-            if self.closed:
+            if not self.closed:
+                ready = dict(self.poller.poll(wait))
+                if self.rfd in ready:
+                    try:
+                        os.read(self.rfd, 1 << 16)
+                    except BlockingIOError:
+                        pass
+                if self.sock in ready:
+                    return self.sock.recv_multipart(copy=False)
                 return None
-            ready = dict(self.poller.poll(max(0, int(min(timeout_s, POLL_S) * 1000))))
-            if self.rfd in ready:
-                try:
-                    os.read(self.rfd, 1 << 16)
-                except BlockingIOError:
-                    pass
-            if self.sock in ready:
-                return self.sock.recv_multipart(copy=False)
+        time.sleep(wait / 1000)  # closed (a failing service exits now): wait, as a poll would, do not spin
         return None
 
     def send(self, identity: bytes, rid: bytes, status: int, body: bytes) -> None:
@@ -100,19 +103,25 @@ class Door:
             if not self.closed:
                 self.sock.send_multipart([identity, rid, b"%d" % status, body], copy=False)
 
-    def refuse_queued(self, status: int, body: bytes) -> int:
-        """Answer every message waiting in the socket with ``status`` (a draining or failing service: nothing
-        reads them any more); returns how many."""
-        n = 0
+    def queued(self) -> list:
+        """Every message waiting in the socket now (``[identity, *frames]`` each), without waiting."""
+        out = []
         with self.lock:
             while not self.closed:
                 try:
-                    frames = self.sock.recv_multipart(self.zmq.NOBLOCK, copy=False)
+                    out.append(self.sock.recv_multipart(self.zmq.NOBLOCK, copy=False))
                 except self.zmq.Again:
                     break
-                if len(frames) == 3 and len(frames[1]) <= MAX_RID:
-                    self.sock.send_multipart([frames[0], frames[1], b"%d" % status, body])
-                    n += 1
+        return out
+
+    def refuse_queued(self, status: int, body: bytes) -> int:
+        """Answer every message waiting in the socket with ``status`` (a failing or stopped service: nothing
+        reads them any more); returns how many."""
+        n = 0
+        for frames in self.queued():
+            if len(frames) >= 2 and len(frames[1]) <= MAX_RID:
+                self.send(frames[0].bytes, frames[1].bytes, status, body)
+                n += 1
         return n
 
     def close(self, linger_s: float = 2.0) -> None:

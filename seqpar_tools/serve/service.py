@@ -186,6 +186,7 @@ class Service:
         self.lock = threading.Lock()
         self.pending: set[Pending] = set()
         self.draining = False
+        self.absorbed = False  # the door's backlog taken in at the drain
         self.closing = False
         self.aborting = False
         self.step_started: float | None = None
@@ -365,9 +366,10 @@ class Service:
         return _err(503, f"the service is {why}; no new requests")
 
     # -- the tensor door (ZeroMQ; read and answered by the step loop itself, see .door) ----------------
-    def _take(self, frames: list) -> Pending | None:
+    def _take(self, frames: list, accept: bool = False) -> Pending | None:
         """A door message ``[identity, rid, body]`` -> a pending request, or None when it was answered at once
-        (malformed, wrong token, draining) or cannot be answered (not two frames: not a seqpar client)."""
+        (malformed, wrong token, draining unless ``accept``) or cannot be answered (no rid frame, or one over
+        :data:`MAX_RID` bytes: not a seqpar client). Raises nothing: any message is answered or dropped."""
         if len(frames) < 2 or len(frames[1]) > MAX_RID:
             return None
         t0 = time.monotonic()
@@ -389,8 +391,8 @@ class Service:
             except FrameError as e:
                 raise Reject(400, f"tensor door: {e}") from None
             auth = header.pop("auth", None)
-            if self.token is not None and not (isinstance(auth, str)
-                                               and hmac.compare_digest(auth.encode(), self.token.encode())):
+            if self.token is not None and not (isinstance(auth, str) and hmac.compare_digest(
+                    auth.encode("utf-8", "surrogatepass"), self.token.encode())):
                 raise Reject(401, 'missing or wrong token (the request header\'s "auth")')
             op = header.pop("op", None)
             if op not in DOOR_OPS:
@@ -403,12 +405,14 @@ class Service:
                     raise Reject(400, f"{op}: session = {sid!r}; expected a session id")
             p = self._pending(op, sid, header, tensors, send)
             p.t0 = t0
-        except Reject as e:
-            self._count(kind, e.status, None)
-            send(_err(e.status, e.message))
+        except Exception as e:  # noqa: BLE001 - Reject, or a check that tripped on input it did not expect
+            status, msg = (e.status, e.message) if isinstance(e, Reject) else (
+                400, f"tensor door: malformed request ({type(e).__name__}: {str(e)[:200]})")
+            self._count(kind, status, None)
+            send(_err(status, msg))
             return None
         with self.lock:
-            if self.closing or self.draining:
+            if (self.closing or self.draining) and not (accept and not self.closing):
                 send(self._closed())
                 return None
             self.pending.add(p)
@@ -470,6 +474,12 @@ class Service:
     def _next(self, carry: collections.deque, timeout: float) -> Pending | None:
         """The next request (postponed ones first, then HTTP's, then the door's); None after ``timeout`` (whole
         milliseconds, rounded down) or, when draining, as soon as none is waiting."""
+        if self.draining and not self.absorbed:  # what waits in the door now was sent before the drain: serve it
+            self.absorbed = True
+            for frames in self.door.queued():
+                p = self._take(frames, accept=True)
+                if p is not None:
+                    carry.append(p)
         if carry:
             return carry.popleft()
         deadline = time.monotonic() + timeout
@@ -575,6 +585,8 @@ class Service:
                         groups.setdefault(key, []).append(part)
             except Reject as e:
                 self._finish(p, _err(e.status, e.message))
+            except Exception as e:  # noqa: BLE001 - a check that tripped on input it did not expect: this one only
+                self._finish(p, _err(400, f"{p.kind}: malformed request ({type(e).__name__}: {str(e)[:200]})"))
         for (_aid, layers, _h, _t, scale, weights), ps in groups.items():
             i = len(ops)
             ops.append({"op": "attend", "sids": [p.sid for p in ps], "layers": list(layers), "scale": scale,
@@ -654,7 +666,7 @@ class Service:
                 raise Reject(400, f"create session: {k} = {h[k]!r}; allowed: an int >= 1")
         if h["heads"] % h["kv_heads"]:
             raise Reject(400, f"create session: heads = {h['heads']} is not a multiple of kv_heads = {h['kv_heads']}")
-        if h["dtype"] not in TORCH_DTYPES:
+        if not isinstance(h["dtype"], str) or h["dtype"] not in TORCH_DTYPES:
             raise Reject(400, f"create session: dtype = {h['dtype']!r}; allowed: {', '.join(TORCH_DTYPES)}")
         n = len(self.engine.sessions)
         if n >= self.cfg.max_sessions:
@@ -735,7 +747,7 @@ class Service:
         layers = [self._layer(p, s, layer) for layer in layers]
         scale = p.header.get("scale")
         if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-                                  or not math.isfinite(scale) or scale <= 0):
+                                  or not _finite(scale) or scale <= 0):
             raise Reject(400, f"attend: scale = {scale!r}; expected a finite number > 0 or null")
         q = p.tensors.get("q")
         if q is None or q.dim() != 4 or q.shape[2] < 1:
@@ -838,6 +850,13 @@ class Service:
                 pass
         sys.stdout.flush()
         os._exit(1)
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float's range (JSON has them)
+        return False
 
 
 def _mem_available() -> int | None:
