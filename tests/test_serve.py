@@ -269,6 +269,35 @@ def _door(address: str, frames: list[bytes], token: str | None = None) -> tuple[
         sock.close()
 
 
+@pytest.mark.parametrize("transport", ["auto", "http"])
+def test_odd_strides_and_nan_inputs(service, transport):
+    """Non-contiguous torch tensors and Fortran-order numpy arrays give the float64 formula's answer; a NaN query
+    head gives NaN in that head only (never a silent 0), the other heads stay exact."""
+    c = service.client(transport=transport)
+    s = c.create_session(layers=1, heads=4, kv_heads=2, head_dim=8, capacity=64)
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(2, 8, 10, generator=g).transpose(1, 2)  # (2, 10, 8), strides (80, 1, 10)
+    v = torch.randn(10, 2, 8, generator=g).permute(1, 0, 2)
+    assert not k.is_contiguous() and not v.is_contiguous()
+    c.append(s, 0, k, v)
+    for i in range(3):
+        q = torch.randn(4, 8, 1, generator=g).transpose(1, 2)  # (4, 1, 8), not contiguous
+        k1, v1 = torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+        k, v = torch.cat([k, k1], 1), torch.cat([v, v1], 1)
+        ro = reference.attention(q[None].double(), k[None].double(), v[None].double())[0][0]
+        if i == 0:
+            out = c.attend(s, 0, q, k1, v1)
+        elif i == 1:
+            out = torch.from_numpy(c.attend(s, 0, *(np.asfortranarray(x.numpy()) for x in (q, k1, v1))))
+        else:
+            q[1] = float("nan")
+            out = c.attend(s, 0, q, k1, v1)
+            assert torch.isnan(out[1]).all()
+            out, ro = out[[0, 2, 3]], ro[[0, 2, 3]]
+        assert (out.double() - ro).abs().max() <= TOL[torch.float32], i
+    c.delete_session(s)
+
+
 def _raw_frame(header: bytes, nbytes: int = 0) -> bytes:
     return struct.pack("<I", len(header)) + header + bytes(nbytes)
 

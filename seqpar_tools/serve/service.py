@@ -461,10 +461,18 @@ class Service:
 
     def _fail_start(self, msg: str) -> None:
         """Nothing was served yet: report, let the spawner stop the other ranks at once, exit 1. Never returns."""
-        print(f"seqpar serve: error: {msg}", file=sys.stderr, flush=True)
+        self._exit_failed(msg, msg)
+
+    def _exit_failed(self, msg: str, line: str) -> None:
+        """``line`` to stderr, ``msg`` to the spawner (it stops the other ranks at once), exit 1. Never returns."""
+        print(f"seqpar serve: error: {line}", file=sys.stderr, flush=True)
         if self.on_fatal:
-            self.on_fatal(msg)
-            time.sleep(0.5)  # the spawner's queue is flushed by a feeder thread that os._exit would cut off
+            try:
+                self.on_fatal(msg)
+                time.sleep(0.5)  # the spawner's queue is flushed by a feeder thread that os._exit would cut off
+            except Exception:  # noqa: BLE001
+                pass
+        sys.stdout.flush()
         os._exit(1)
 
     def _drain(self, signum, frame) -> None:
@@ -840,16 +848,7 @@ class Service:
         t0 = time.monotonic()
         while self.responding and time.monotonic() - t0 < 3.0:  # let the answers leave (bounded)
             time.sleep(0.01)
-        print(f"seqpar serve: error: {msg} ({len(waiting) + queued} pending requests answered 503)", file=sys.stderr,
-              flush=True)
-        if self.on_fatal:
-            try:
-                self.on_fatal(msg)
-                time.sleep(0.5)  # the spawner's queue is flushed by a feeder thread that os._exit would cut off
-            except Exception:  # noqa: BLE001
-                pass
-        sys.stdout.flush()
-        os._exit(1)
+        self._exit_failed(msg, f"{msg} ({len(waiting) + queued} pending requests answered 503)")
 
 
 def _finite(x: float) -> bool:
